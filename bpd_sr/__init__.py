@@ -1,0 +1,26 @@
+"""bpd-sr: 8x8 -> 32x32 face super-resolution with an Image Transformer, made fast by
+blockwise parallel decoding (Stern, Shazeer and Uszkoreit, NeurIPS 2018, arXiv 1811.03115)."""
+
+from .config import DecodeConfig, ModelConfig, TrainConfig
+from .decoding import DecodeResult, blockwise_parallel_decode, greedy_decode
+from .model import ImageTransformer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecodeConfig",
+    "DecodeResult",
+    "ImageTransformer",
+    "ModelConfig",
+    "TrainConfig",
+    "blockwise_parallel_decode",
+    "greedy_decode",
+    "load_pretrained",
+]
+
+
+def load_pretrained(*args, **kwargs):
+    """The shipped default model (see ``bpd_sr.pretrained.load_pretrained``)."""
+    from .pretrained import load_pretrained as _load
+
+    return _load(*args, **kwargs)

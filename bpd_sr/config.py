@@ -1,0 +1,142 @@
+"""Configuration dataclasses and named presets.
+
+Configs are plain dataclasses, saved inside every checkpoint (``asdict``) and rebuilt with
+``from_dict``: a checkpoint describes itself, and no code is executed to load it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+# The image geometry is fixed by the task (8x8 -> 32x32 RGB); it is not configurable.
+LR_SIZE = 8
+HR_SIZE = 32
+CHANNELS = 3
+SCALE = HR_SIZE // LR_SIZE
+N_LR_TOKENS = LR_SIZE * LR_SIZE * CHANNELS  # 192
+N_HR_TOKENS = HR_SIZE * HR_SIZE * CHANNELS  # 3072
+N_INTENSITIES = 256
+
+
+def _from_dict(cls, d: dict[str, Any]):
+    """Build dataclass ``cls`` from ``d``, refusing unknown keys (a checkpoint of another kind)."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**d)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The Image Transformer for super-resolution plus its proposal heads.
+
+    ``k`` is the number of proposal slots of blockwise parallel decoding (Stern et al. 2018,
+    section 6): slot i (0-based) predicts the token i positions ahead. ``k = 1`` is the plain
+    model. ``attn_block`` is the query block of masked local-1D attention (Parmar et al. 2018,
+    section 3.2) and has nothing to do with ``k``.
+    """
+
+    d_model: int = 256
+    n_head: int = 8
+    d_ff: int = 1024
+    n_enc_layer: int = 2
+    n_dec_layer: int = 4
+    attn_block: int = 128
+    dropout: float = 0.1
+    k: int = 1
+    head_d_ff: int = 256  # hidden units per proposal slot (the paper: d_ff, i.e. k*d_ff in all)
+    identity_first_slot: bool = True  # slot 0 is the base model itself: heads leave it unchanged
+    cond_channels: int = 64  # width of the conditioning conv net (Dahl et al. 2017); 0 = none
+    lr_input_embedding: bool = True  # embed the low-res intensity each target comes from
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_head:
+            raise ValueError("d_model must be divisible by n_head")
+        if self.k < 1:
+            raise ValueError("k must be at least 1")
+        if self.attn_block < 1 or N_HR_TOKENS % self.attn_block:
+            raise ValueError(f"attn_block must divide {N_HR_TOKENS}")
+
+    @staticmethod
+    def preset(name: str, **overrides: Any) -> ModelConfig:
+        """A named configuration, with fields overridden (e.g. ``preset("small", k=10)``)."""
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(MODEL_PRESETS)}")
+        return replace(MODEL_PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, d)
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # For tests: decodes an image in well under a second.
+    "tiny": ModelConfig(
+        d_model=32, n_head=2, d_ff=64, n_enc_layer=1, n_dec_layer=2, attn_block=64,
+        dropout=0.0, head_d_ff=32, cond_channels=8,
+    ),
+    # The shipped default; sized by measurement (README, "Training the default").
+    "small": ModelConfig(
+        d_model=256, n_head=8, d_ff=1024, n_enc_layer=2, n_dec_layer=4, attn_block=128,
+        dropout=0.0, head_d_ff=128, cond_channels=64,
+    ),
+    # The paper's img2img_transformer_b3 (tensor2tensor), plus our conditioning.
+    "paper": ModelConfig(
+        d_model=512, n_head=8, d_ff=2048, n_enc_layer=4, n_dec_layer=8, attn_block=128,
+        dropout=0.1, head_d_ff=2048, cond_channels=64,
+    ),
+}
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Saved in its checkpoints so a run can be resumed and audited."""
+
+    data: str = ""
+    regime: str = "base"  # base | regular | finetune | distill
+    preset: str = "small"
+    k: int = 1
+    init: str = ""  # checkpoint to warm-start from (regular / finetune / distill)
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 200
+    max_steps: int = 2000
+    max_minutes: float = 0.0  # 0 = no time limit; otherwise the schedule is sized by steps
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    cond_loss_weight: float = 1.0
+    random_head: bool = False  # the paper's option: one random proposal head per batch
+    flip: bool = True
+    val_fraction: float = 0.02
+    eval_every: int = 500
+    ckpt_minutes: float = 5.0
+    amp: str = "auto"  # auto | bf16 | fp32
+    seed: int = 0
+    num_workers: int = 0
+    out: str = "runs/default"
+    distill_cache: str = ""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How to decode: greedy when ``k == 1`` and no temperature, otherwise blockwise."""
+
+    k: int = 10
+    epsilon: int = 0  # distance acceptance: |proposal - base argmax| <= epsilon intensity levels
+    top_t: int | None = None  # top-t acceptance: proposal among the base's t best
+    min_block: int = 1  # section 5.3: accept at least this many tokens per step
+    temperature: float = 0.0

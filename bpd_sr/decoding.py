@@ -1,0 +1,204 @@
+"""Greedy decoding and blockwise parallel decoding (Stern, Shazeer and Uszkoreit 2018).
+
+The functions here take the model as an argument and return a ``DecodeResult``; the model
+holds no loop. Blockwise parallel decoding (paper section 3, with the combined scoring and
+proposal of section 4) is a short loop over four named steps:
+
+1. **propose**: the k proposal slots at the last accepted position give the next k tokens;
+   slot 0 is the base model's own next token, so it is always right.
+2. **verify**: one decoder pass over the k proposals (cached, at their positions) gives the
+   base model's prediction after each proposal.
+3. **accept**: keep the longest prefix of proposals that pass the test against the base
+   prediction (exact match, distance <= epsilon, or top-t; section 5.2), at least
+   ``min_block`` (section 5.3); ``torch.cumprod`` finds it for the whole batch at once.
+4. **commit**: write the accepted tokens and move each image's pointer. The same verify pass
+   already computed the hidden state at the last accepted position, so the next proposals
+   cost no extra decoder pass: model calls = steps + 1.
+
+Every image of a batch advances by its own accepted length; finished images leave the batch.
+Rejected proposals are forgotten by not moving the pointer (see ``bpd_sr.cache``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .config import N_HR_TOKENS
+from .model import EncoderContext, ImageTransformer
+from .tokens import BOS, previous_token_inputs, tokens_to_image
+
+# proposer(rows, next_pos, slot_logits) -> (b, k) proposed tokens. rows: cache rows (b,);
+# next_pos: (b,) position of the first proposal; slot_logits: (b, k, 256) of the proposal slots.
+Proposer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DecodeResult:
+    """What a decode produced, and how.
+
+    images: uint8 (B, 32, 32, 3).
+    accepted: B 1-D long tensors, the number of tokens committed by each step.
+    step_index: long (B, 32, 32, 3), the (0-based) step that committed each intensity.
+    model_calls: decoder forward passes for the whole batch.
+    seconds: wall-clock time of the decode.
+    """
+
+    images: torch.Tensor
+    accepted: list[torch.Tensor]
+    step_index: torch.Tensor
+    model_calls: int
+    seconds: float
+
+    @property
+    def steps(self) -> list[int]:
+        return [len(a) for a in self.accepted]
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean accepted block size: tokens per step, over all steps of all images."""
+        total = sum(int(a.sum()) for a in self.accepted)
+        return total / max(1, sum(self.steps))
+
+
+def _prepare(model: ImageTransformer, lr: torch.Tensor):
+    if lr.dtype != torch.uint8 or lr.dim() != 4 or tuple(lr.shape[1:]) != (8, 8, 3):
+        raise ValueError(f"lr must be a uint8 tensor (B, 8, 8, 3), got {lr.dtype} {tuple(lr.shape)}")
+    device = next(model.parameters()).device
+    lr = lr.to(device)
+    return lr, model.encode(lr), model.new_cache(lr.shape[0])
+
+
+def _result(tokens, step_of, acc, n_steps, calls, t0) -> DecodeResult:
+    b = tokens.shape[0]
+    return DecodeResult(
+        images=tokens_to_image(tokens[:, :N_HR_TOKENS].cpu()),
+        accepted=[acc[i, : n_steps[i]].cpu() for i in range(b)],
+        step_index=step_of[:, :N_HR_TOKENS].reshape(b, 32, 32, 3).cpu(),
+        model_calls=calls,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+@torch.inference_mode()
+def greedy_decode(model: ImageTransformer, lr: torch.Tensor) -> DecodeResult:
+    """The reference: one token per decoder call, with the key/value cache.
+
+    lr: uint8 (B, 8, 8, 3). Model calls = 3072.
+    """
+    t0 = time.perf_counter()
+    lr, ctx, cache = _prepare(model, lr)
+    b, dev = lr.shape[0], lr.device
+    rows = torch.arange(b, device=dev)
+    tokens = torch.zeros(b, N_HR_TOKENS, dtype=torch.long, device=dev)
+    inputs = torch.full((b, 1), BOS, dtype=torch.long, device=dev)
+    for p in range(N_HR_TOKENS):
+        pos = torch.full((b, 1), p, dtype=torch.long, device=dev)
+        h = model.decoder_hidden(ctx, inputs, pos, cache, rows)
+        nxt = model.logits(ctx, h, pos, 1)[:, 0, 0].argmax(-1)  # (B,)
+        tokens[:, p] = nxt
+        inputs = previous_token_inputs(nxt[:, None], pos + 1)
+    step_of = torch.arange(N_HR_TOKENS, device=dev).expand(b, -1)
+    acc = torch.ones(b, N_HR_TOKENS, dtype=torch.long)
+    return _result(tokens, step_of, acc, [N_HR_TOKENS] * b, N_HR_TOKENS, t0)
+
+
+def acceptance_test(
+    proposals: torch.Tensor, base_logits: torch.Tensor, epsilon: int = 0, top_t: int | None = None
+) -> torch.Tensor:
+    """Which proposals pass against the base model's prediction at the same position.
+
+    proposals: long (b, m); base_logits: (b, m, 256). Returns bool (b, m).
+    top_t: the proposal is among the base's t most likely tokens (section 5.2, "top-k").
+    Otherwise: |proposal - base argmax| <= epsilon ("distance-based"; epsilon 0 = exact).
+    """
+    if top_t is not None:
+        top = base_logits.topk(top_t, dim=-1).indices  # (b, m, t)
+        return (top == proposals[..., None]).any(-1)
+    return (proposals - base_logits.argmax(-1)).abs() <= epsilon
+
+
+def propose_argmax(rows: torch.Tensor, next_pos: torch.Tensor, slot_logits: torch.Tensor):
+    """The paper's proposer: each slot's most likely token. (b, k, 256) -> (b, k)."""
+    return slot_logits.argmax(-1)
+
+
+@torch.inference_mode()
+def blockwise_parallel_decode(
+    model: ImageTransformer,
+    lr: torch.Tensor,
+    k: int | None = None,
+    epsilon: int = 0,
+    top_t: int | None = None,
+    min_block: int = 1,
+    proposer: Proposer = propose_argmax,
+) -> DecodeResult:
+    """Blockwise parallel decoding of a batch of low-res images.
+
+    lr: uint8 (B, 8, 8, 3). k: proposals per step, 1 <= k <= model.cfg.k (default: all).
+    epsilon / top_t: the acceptance test (``acceptance_test``). min_block: accept at least
+    this many tokens per step even if they fail the test (section 5.3).
+    With epsilon = 0, top_t = None and min_block = 1 the output equals ``greedy_decode``.
+    """
+    k = model.cfg.k if k is None else k
+    if not 1 <= k <= model.cfg.k:
+        raise ValueError(f"k must be in 1..{model.cfg.k} for this model, got {k}")
+    if not 1 <= min_block <= k:
+        raise ValueError(f"min_block must be in 1..k, got {min_block}")
+    t0 = time.perf_counter()
+    lr, ctx_all, cache = _prepare(model, lr)
+    b, dev = lr.shape[0], lr.device
+    ar_k = torch.arange(k, device=dev)
+    tokens = torch.zeros(b, N_HR_TOKENS + k, dtype=torch.long, device=dev)  # +k: scratch tail
+    step_of = torch.zeros_like(tokens)
+    acc = torch.zeros(b, N_HR_TOKENS, dtype=torch.long, device=dev)
+    n_steps = torch.zeros(b, dtype=torch.long, device=dev)
+    n = torch.zeros(b, dtype=torch.long, device=dev)  # committed tokens per image
+
+    # The first call reads BOS at position 0 and yields the first k proposals.
+    rows = torch.arange(b, device=dev)
+    ctx: EncoderContext = ctx_all
+    pos0 = torch.zeros(b, 1, dtype=torch.long, device=dev)
+    h = model.decoder_hidden(ctx, torch.full_like(pos0, BOS), pos0, cache, rows)
+    proposals = proposer(rows, n, model.logits(ctx, h, pos0, k)[:, 0])  # (B, k)
+    calls = 1
+
+    while rows.numel() > 0:
+        # 2. verify: proposal j is fed at position n + 1 + j; the base prediction there is
+        #    the model's choice for target n + 1 + j given the proposals before it.
+        pos = n[:, None] + 1 + ar_k  # (b, k)
+        h = model.decoder_hidden(ctx, previous_token_inputs(proposals, pos), pos, cache, rows)
+        base = model.logits(ctx, h, pos, 1)[:, :, 0]  # (b, k, 256)
+        calls += 1
+
+        # 3. accept: proposal 0 is the base's own token; proposal j >= 1 is tested against
+        #    the base prediction made after proposal j - 1.
+        ok = acceptance_test(proposals[:, 1:], base[:, :-1], epsilon, top_t)  # (b, k-1)
+        n_ok = torch.cumprod(ok.long(), dim=-1).sum(-1)  # longest passing prefix
+        n_ok = n_ok.clamp(min=min_block - 1, max=k - 1)
+        n_acc = torch.minimum(n_ok + 1, N_HR_TOKENS - n)  # (b,), in 1..k
+
+        # 4. commit: write all k (the tail past n_acc is scratch, overwritten next step)
+        write_pos = n[:, None] + ar_k
+        tokens[rows[:, None], write_pos] = proposals
+        step_of[rows[:, None], write_pos] = n_steps[rows, None]
+        acc[rows, n_steps[rows]] = n_acc
+        n_steps[rows] += 1
+        n = n + n_acc
+
+        # 1. propose (for the next step): the slots at the last accepted position
+        last = n_acc - 1  # index into this step's k positions
+        sel = torch.arange(rows.numel(), device=dev)
+        h_last, pos_last = h[sel, last][:, None], pos[sel, last][:, None]
+        proposals = proposer(rows, n, model.logits(ctx, h_last, pos_last, k)[:, 0])
+
+        # finished images leave the batch: they cost nothing more
+        live = n < N_HR_TOKENS
+        if not bool(live.all()):
+            rows, n, proposals = rows[live], n[live], proposals[live]
+            ctx = ctx_all.select(rows)
+
+    return _result(tokens, step_of, acc, n_steps.tolist(), calls, t0)

@@ -1,0 +1,404 @@
+"""The Image Transformer for super-resolution, with proposal heads. No decoding loops here.
+
+- Encoder: global self-attention over the 192 low-res channel tokens (Parmar et al. 2018,
+  arXiv 1802.05751, section 3 and the img2img setting of section 5).
+- Decoder: masked local-1D self-attention over the 3072 target tokens (Parmar et al. 2018,
+  section 3.2: queries in a block of ``attn_block`` tokens attend to their own block up to
+  themselves and to the whole previous block), encoder-decoder attention in every layer.
+- Conditioning (Dahl et al. 2017, Pixel Recursive Super Resolution, section 3): a small
+  convolutional net maps the low-res image to logits for every target position; they are
+  added to the decoder's logits (of every proposal slot) and get their own auxiliary loss.
+  The decoder also embeds the low-res intensity each target lies under.
+- Proposal heads (Stern et al. 2018, arXiv 1811.03115, section 6): one feed-forward layer
+  with hidden size k*head_d_ff and output k*d_model after the decoder, a residual from the
+  decoder output into each slot, and the base output projection shared by all slots. Slot i
+  predicts the token i positions ahead. With ``identity_first_slot`` slot 0 is the decoder
+  output itself, so adding heads leaves the base model's predictions unchanged.
+
+Decoding functions (``bpd_sr.decoding``) drive the model through ``encode``,
+``decoder_hidden`` and ``logits``; ``forward`` is the teacher-forced training pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import AttentionWindow, KVCache
+from .config import CHANNELS, HR_SIZE, N_HR_TOKENS, N_INTENSITIES, N_LR_TOKENS, ModelConfig
+from .tokens import channel_offset, hr_position_tables, shift_right
+
+
+@dataclass
+class EncoderContext:
+    """What the decoder needs from one batch of low-res inputs, computed once per image.
+
+    cross_kv: per decoder layer, keys and values of the encoder memory, each
+        (B, n_head, 192, head_dim).
+    cond_logits: (B, 3072 + k, 256) conditioning logits, zero-padded past the end so that
+        slot i at position p can read position p + i.
+    dec_pos: (B, 3072, d) what the decoder adds to each position's input: the position's
+        embedding plus the embedding of the low-res intensity it lies under.
+    """
+
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    cond_logits: torch.Tensor
+    dec_pos: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> EncoderContext:
+        """The context of a subset of the batch (rows: long (b,))."""
+        return EncoderContext(
+            cross_kv=[(k[rows], v[rows]) for k, v in self.cross_kv],
+            cond_logits=self.cond_logits[rows],
+            dec_pos=self.dec_pos[rows],
+        )
+
+
+class ConditioningNet(nn.Module):
+    """Low-res image -> logits for every target intensity (Dahl et al. 2017).
+
+    uint8 (B, 8, 8, 3) -> (B, 3072, 256). Two residual blocks at 8x8, two pixel-shuffle
+    upsamplings to 32x32, then a 1x1 convolution to 3*256 logits per pixel.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        c = width
+        self.stem = nn.Conv2d(CHANNELS, c, 3, padding=1)
+        self.res = nn.ModuleList(
+            nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(c, c, 3, padding=1))
+            for _ in range(2)
+        )
+        self.up = nn.Sequential(
+            nn.Conv2d(c, 4 * c, 3, padding=1), nn.PixelShuffle(2), nn.ReLU(),
+            nn.Conv2d(c, 4 * c, 3, padding=1), nn.PixelShuffle(2), nn.ReLU(),
+            nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+        )
+        self.out = nn.Conv2d(c, CHANNELS * N_INTENSITIES, 1)
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        x = lr.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, 8, 8)
+        x = self.stem(x)
+        for block in self.res:
+            x = x + block(x)
+        x = self.out(self.up(x))  # (B, 768, 32, 32)
+        b = x.shape[0]
+        # the channel axis holds (colour, intensity); put it in raster order (row, col, colour)
+        x = x.view(b, CHANNELS, N_INTENSITIES, HR_SIZE, HR_SIZE).permute(0, 3, 4, 1, 2)
+        return x.reshape(b, N_HR_TOKENS, N_INTENSITIES)
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d_ff)
+        self.proj = nn.Linear(d_ff, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.relu(self.fc(x))))
+
+
+class GlobalSelfAttention(nn.Module):
+    """Unmasked self-attention (the encoder)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.n_head, d // self.n_head).transpose(1, 3)
+        q, k, v = qkv.unbind(2)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries attend to the whole encoder memory (keys/values computed once)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 192, d) -> keys, values, each (B, n_head, 192, head_dim)."""
+        b, s, d = memory.shape
+        kv = self.kv(memory).view(b, s, 2, self.n_head, d // self.n_head).transpose(1, 3)
+        k, v = kv.unbind(2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        b, t, d = x.shape
+        q = self.q(x).view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q, kv[0], kv[1], dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+def local_block_mask(attn_block: int, n_blocks: int, device=None) -> torch.Tensor:
+    """bool (n_blocks, attn_block, 2*attn_block): query i of block j may see key l of
+    [block j-1 | block j]: all of the previous block (none for j = 0), its own up to itself."""
+    i = torch.arange(attn_block, device=device)[:, None]
+    m = torch.arange(2 * attn_block, device=device)[None, :]
+    mask = (m <= i + attn_block).expand(n_blocks, attn_block, 2 * attn_block).clone()
+    mask[0, :, :attn_block] = False
+    return mask
+
+
+class LocalSelfAttention(nn.Module):
+    """Masked local-1D self-attention (Parmar et al. 2018, section 3.2).
+
+    The key set of query position q is [start(q) - attn_block, q], where start(q) is the first
+    position of q's block. The full pass computes it block by block; the cached pass reads the
+    same window from the cache (``KVCache.window``), so both compute the same function.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.block = cfg.attn_block
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        win: AttentionWindow | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, d). Without a cache, x holds positions 0..T-1 (T a multiple of the block);
+        with one, ``win`` says where the new tokens go and which keys they see."""
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, d // self.n_head).unbind(2)  # (B,T,H,hd)
+        y = self._full(q, k, v) if cache is None else self._cached(q, k, v, cache, layer, win)
+        return self.proj(y.reshape(b, t, d))
+
+    def _full(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, t, h, hd = q.shape
+        blk = self.block
+        nb = t // blk
+
+        def blocks(x):  # (B, T, H, hd) -> (B, H, nb, blk, hd)
+            return x.transpose(1, 2).reshape(b, h, nb, blk, hd)
+
+        def with_previous(x):  # (B, H, nb, blk, hd) -> (B, H, nb, 2*blk, hd): [previous | own]
+            return torch.cat([F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1], x], dim=3)
+
+        y = F.scaled_dot_product_attention(
+            blocks(q), with_previous(blocks(k)), with_previous(blocks(v)),
+            attn_mask=local_block_mask(blk, nb, q.device),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return y.reshape(b, h, t, hd).transpose(1, 2)  # (B, T, H, hd)
+
+    def _cached(self, q, k, v, cache: KVCache, layer: int, win: AttentionWindow) -> torch.Tensor:
+        b, t, h, hd = q.shape
+        kw, vw = cache.update(layer, win, k.reshape(b, t, h * hd), v.reshape(b, t, h * hd))
+        kw = kw.view(b, win.width, h, hd).transpose(1, 2)  # (b, H, L, hd)
+        vw = vw.view(b, win.width, h, hd).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), kw, vw, attn_mask=win.mask)
+        return y.transpose(1, 2)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = GlobalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.mlp(self.ln2(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.self_attn = LocalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.cross_attn = CrossAttention(cfg)
+        self.ln3 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cross_kv, cache=None, layer=0, win=None) -> torch.Tensor:
+        x = x + self.drop(self.self_attn(self.ln1(x), cache, layer, win))
+        x = x + self.drop(self.cross_attn(self.ln2(x), cross_kv))
+        return x + self.mlp(self.ln3(x))
+
+
+class ProposalHeads(nn.Module):
+    """Stern et al. 2018, section 6: h (..., d) -> per-slot hidden states (..., n_slots, d).
+
+    One feed-forward layer, hidden n_ff*head_d_ff, output n_ff*d_model, plus a residual from h
+    into every slot. With ``identity_first_slot`` slot 0 is h itself (n_ff = k - 1).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.identity_first_slot = cfg.identity_first_slot
+        self.n_ff_slots = cfg.k - 1 if cfg.identity_first_slot else cfg.k
+        if self.n_ff_slots > 0:
+            self.fc = nn.Linear(cfg.d_model, self.n_ff_slots * cfg.head_d_ff)
+            self.proj = nn.Linear(self.n_ff_slots * cfg.head_d_ff, self.n_ff_slots * cfg.d_model)
+
+    def forward(self, h: torch.Tensor, n_slots: int) -> torch.Tensor:
+        if self.identity_first_slot and n_slots == 1:
+            return h.unsqueeze(-2)
+        ff = self.proj(F.relu(self.fc(h))).unflatten(-1, (self.n_ff_slots, h.shape[-1]))
+        slots = h.unsqueeze(-2) + ff
+        if self.identity_first_slot:
+            slots = torch.cat([h.unsqueeze(-2), slots], dim=-2)
+        return slots[..., :n_slots, :]
+
+
+class ImageTransformer(nn.Module):
+    """8x8 -> 32x32 Image Transformer with ``cfg.k`` proposal slots."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        # encoder
+        self.enc_tok = nn.Embedding(CHANNELS * N_INTENSITIES, d)
+        self.enc_pos = nn.Embedding(N_LR_TOKENS, d)
+        self.enc_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_enc_layer))
+        self.enc_ln = nn.LayerNorm(d)
+        # decoder inputs: previous token (+BOS), factorised position, low-res intensity
+        self.dec_tok = nn.Embedding(CHANNELS * N_INTENSITIES + 1, d)
+        self.row_emb = nn.Embedding(HR_SIZE, d)
+        self.col_emb = nn.Embedding(HR_SIZE, d)
+        self.chan_emb = nn.Embedding(CHANNELS, d)
+        self.lr_emb = nn.Embedding(CHANNELS * N_INTENSITIES, d) if cfg.lr_input_embedding else None
+        self.dec_drop = nn.Dropout(cfg.dropout)
+        self.dec_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_dec_layer))
+        self.dec_ln = nn.LayerNorm(d)
+        self.heads = ProposalHeads(cfg)
+        self.out_proj = nn.Linear(d, N_INTENSITIES)  # shared by every slot
+        self.cond = ConditioningNet(cfg.cond_channels) if cfg.cond_channels > 0 else None
+        row, col, chan, lr_index = hr_position_tables()
+        self.register_buffer("pos_row", row, persistent=False)
+        self.register_buffer("pos_col", col, persistent=False)
+        self.register_buffer("pos_chan", chan, persistent=False)
+        self.register_buffer("pos_lr_index", lr_index, persistent=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    # ---- encoder (runs once per image) ------------------------------------------------
+    def encode(self, lr: torch.Tensor) -> EncoderContext:
+        """lr: uint8 (B, 8, 8, 3) -> the EncoderContext of the batch."""
+        b = lr.shape[0]
+        lr_tokens = lr.reshape(b, N_LR_TOKENS).long()
+        x = self.enc_tok(channel_offset(lr_tokens)) + self.enc_pos.weight  # (B, 192, d)
+        for layer in self.enc_layers:
+            x = layer(x)
+        memory = self.enc_ln(x)
+        cross_kv = [layer.cross_attn.memory_kv(memory) for layer in self.dec_layers]
+        if self.cond is not None:
+            cond = self.cond(lr)  # (B, 3072, 256)
+        else:
+            cond = memory.new_zeros(b, N_HR_TOKENS, N_INTENSITIES)
+        cond = F.pad(cond, (0, 0, 0, self.cfg.k))  # (B, 3072 + k, 256)
+        dec_pos = (self.row_emb(self.pos_row) + self.col_emb(self.pos_col)
+                   + self.chan_emb(self.pos_chan)).expand(b, -1, -1)  # (B, 3072, d)
+        if self.lr_emb is not None:
+            lr_under = lr_tokens[:, self.pos_lr_index]  # (B, 3072): low-res intensity under p
+            dec_pos = dec_pos + self.lr_emb(channel_offset(lr_under))
+        return EncoderContext(cross_kv=cross_kv, cond_logits=cond, dec_pos=dec_pos)
+
+    # ---- decoder -------------------------------------------------------------------
+    def decoder_hidden(
+        self,
+        ctx: EncoderContext,
+        inputs: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Decoder output h (B, T, d).
+
+        inputs: long (B, T) vocabulary ids of the token *before* each position
+            (``tokens.shift_right`` / ``tokens.previous_token_inputs``).
+        Full pass (no cache): inputs hold positions 0..T-1.
+        Incremental pass: pos long (B, T) contiguous positions of each row, the KVCache, and
+            rows long (B,) the cache row of each batch row. Positions past 3071 (padding fed
+            near the end) reuse position 3071's embedding; their outputs are never used.
+        """
+        b, t = inputs.shape
+        if cache is None:
+            blk = self.cfg.attn_block
+            t_pad = -(-t // blk) * blk
+            x = self.dec_tok(F.pad(inputs, (0, t_pad - t))) + ctx.dec_pos[:, :t_pad]
+            win = None
+        else:
+            # one flat gather of the precomputed position embeddings of the new tokens
+            flat = torch.arange(b, device=pos.device)[:, None] * N_HR_TOKENS \
+                + pos.clamp(max=N_HR_TOKENS - 1)
+            emb = ctx.dec_pos.reshape(b * N_HR_TOKENS, -1).index_select(0, flat.reshape(-1))
+            x = self.dec_tok(inputs) + emb.view(b, t, -1)
+            win = cache.window(rows, pos, self.cfg.attn_block)
+        x = self.dec_drop(x)
+        for i, layer in enumerate(self.dec_layers):
+            x = layer(x, ctx.cross_kv[i], cache, i, win)
+        return self.dec_ln(x)[:, :t]
+
+    def logits(
+        self, ctx: EncoderContext, h: torch.Tensor, pos: torch.Tensor, n_slots: int = 1
+    ) -> torch.Tensor:
+        """Logits of the first n_slots slots: h (B, T, d), pos long (B, T) -> (B, T, n_slots, 256).
+
+        Slot i at position p predicts target p + i, so it gets the conditioning logits of p + i.
+        """
+        out = self.out_proj(self.heads(h, n_slots))  # (B, T, n_slots, 256)
+        b, t = pos.shape
+        n_cond = ctx.cond_logits.shape[1]
+        target_pos = pos[:, :, None] + torch.arange(n_slots, device=pos.device)  # (B, T, S)
+        flat = torch.arange(b, device=pos.device)[:, None, None] * n_cond \
+            + target_pos.clamp(max=n_cond - 1)
+        cond = ctx.cond_logits.reshape(b * n_cond, N_INTENSITIES).index_select(0, flat.reshape(-1))
+        return out + cond.view(b, t, n_slots, N_INTENSITIES).to(out.dtype)
+
+    def forward(self, lr: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced training pass.
+
+        lr: uint8 (B, 8, 8, 3); targets: long (B, 3072).
+        Returns (logits (B, 3072, k, 256), cond_logits (B, 3072, 256)).
+        """
+        ctx = self.encode(lr)
+        h = self.decoder_hidden(ctx, shift_right(targets))
+        pos = torch.arange(targets.shape[1], device=targets.device).expand(targets.shape[0], -1)
+        return self.logits(ctx, h, pos, self.cfg.k), ctx.cond_logits[:, :N_HR_TOKENS]
+
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A cache for ``batch`` images: 3072 positions plus room for k of look-ahead."""
+        p = next(self.parameters())
+        return KVCache(
+            self.cfg.n_dec_layer, batch, N_HR_TOKENS + self.cfg.k + 1, self.cfg.d_model,
+            dtype or p.dtype, p.device,
+        )
