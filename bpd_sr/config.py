@@ -82,8 +82,8 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     ),
     # The shipped default; sized by measurement (README, "Training the default").
     "small": ModelConfig(
-        d_model=256, n_head=8, d_ff=1024, n_enc_layer=2, n_dec_layer=4, attn_block=128,
-        dropout=0.0, head_d_ff=128, cond_channels=64,
+        d_model=192, n_head=6, d_ff=768, n_enc_layer=2, n_dec_layer=4, attn_block=128,
+        dropout=0.0, head_d_ff=64, cond_channels=64,
     ),
     # The paper's img2img_transformer_b3 (tensor2tensor), plus our conditioning.
     "paper": ModelConfig(
