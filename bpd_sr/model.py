@@ -193,11 +193,12 @@ class LocalSelfAttention(nn.Module):
         blk = self.block
         nb = t // blk
 
-        def blocks(x):  # (B, T, H, hd) -> (B, H, nb, blk, hd)
-            return x.transpose(1, 2).reshape(b, h, nb, blk, hd)
+        # 4-D (B*H, nb, blk, hd) so that fused attention kernels apply (CPU and CUDA)
+        def blocks(x):  # (B, T, H, hd) -> (B*H, nb, blk, hd)
+            return x.transpose(1, 2).reshape(b * h, nb, blk, hd)
 
-        def with_previous(x):  # (B, H, nb, blk, hd) -> (B, H, nb, 2*blk, hd): [previous | own]
-            return torch.cat([F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1], x], dim=3)
+        def with_previous(x):  # -> (B*H, nb, 2*blk, hd): keys of [previous block | own block]
+            return torch.cat([F.pad(x, (0, 0, 0, 0, 1, 0))[:, :-1], x], dim=2)
 
         y = F.scaled_dot_product_attention(
             blocks(q), with_previous(blocks(k)), with_previous(blocks(v)),

@@ -1,0 +1,475 @@
+"""Face datasets for 8x8 -> 32x32 super-resolution.
+
+Every dataset here yields the 32x32 *target*: a uint8 tensor (32, 32, 3), RGB. The 8x8 model
+input is made from it by the trainer with ``bpd_sr.tokens.downsample`` (a 4x4 area mean).
+
+Crop protocol (tensor2tensor ``Img2imgCeleba``, the problem used by both the Image Transformer,
+Parmar et al. 2018, and blockwise parallel decoding, Stern et al. 2018, section 6): decode the
+178x218 aligned CelebA image (``img_align_celeba``) to RGB, crop the 138x138 square
+box=(left=20, top=40, right=158, bottom=178), i.e. row 40, column 20, then area-resize it to
+32x32 with ``PIL.Image.resize(..., Image.BOX)``. Aligned images of another size (some copies
+are 89x109) get the same box scaled proportionally: 89x109 -> (10, 20, 79, 89).
+
+Sources:
+
+- ``NpzFaces``: ``.npz`` arrays ``images`` uint8 (N, 32, 32, 3), already cropped (the shared
+  data's format, and what ``prepare_celeba`` writes), one file or a folder of shards.
+- ``FolderFaces``: any folder of face images: centre-square crop, area resize to 32x32.
+- ``CelebAFaces``: CelebA in its own (torchvision) layout, cropped as above.
+- ``open_faces`` picks one of these from what a path is.
+
+Nothing here downloads anything: see ``data/README.md`` for getting CelebA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from .config import CHANNELS, HR_SIZE
+
+__all__ = [
+    "CELEBA_BOX",
+    "CELEBA_SIZE",
+    "IMAGE_EXTENSIONS",
+    "CelebAFaces",
+    "DataError",
+    "FolderFaces",
+    "NpzFaces",
+    "celeba_box",
+    "open_faces",
+    "prepare_celeba",
+    "split_indices",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+CELEBA_SIZE = (178, 218)  # (width, height) of an img_align_celeba image
+CELEBA_BOX = (20, 40, 158, 178)  # (left, top, right, bottom): 138x138 at row 40, column 20
+CELEBA_SPLITS = {"train": 0, "valid": 1, "test": 2}
+_TARGET_SHAPE = (HR_SIZE, HR_SIZE, CHANNELS)
+
+
+class DataError(ValueError):
+    """A user-facing data problem; the message is one line, fit to print without a traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+# --------------------------------------------------------------------------- npz arrays
+
+
+def _npz_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.npz") if p.is_file())
+        if not files:
+            raise DataError(f"{path}: no .npz files in this folder")
+        return files
+    return [path]
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """One npz file -> (images uint8 (N, 32, 32, 3), source (N,) or None, celeba_id (N,) or None)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z.files:
+                raise DataError(
+                    f"{path}: no 'images' array (it has: {', '.join(z.files) or 'none'})"
+                )
+            images = z["images"]
+            source = z["source"] if "source" in z.files else None
+            celeba_id = z["celeba_id"] if "celeba_id" in z.files else None
+    except DataError:
+        raise
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: no such file") from e
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        # ValueError covers object arrays (which need pickle, refused on purpose).
+        raise DataError(f"{path}: not a readable npz file ({e})") from e
+    if images.dtype != np.uint8 or images.shape[1:] != _TARGET_SHAPE or images.ndim != 4:
+        raise DataError(
+            f"{path}: 'images' must be uint8 (N, {HR_SIZE}, {HR_SIZE}, {CHANNELS}), "
+            f"got {images.dtype} {tuple(images.shape)}"
+        )
+    n = len(images)
+    for name, arr in (("source", source), ("celeba_id", celeba_id)):
+        if arr is not None and arr.shape != (n,):
+            raise DataError(f"{path}: '{name}' has shape {tuple(arr.shape)}, expected ({n},)")
+    return images, source, celeba_id
+
+
+class NpzFaces(Dataset):
+    """Pre-cropped 32x32 faces from npz: item i is uint8 (32, 32, 3).
+
+    path: an ``.npz`` file with ``images`` uint8 (N, 32, 32, 3), or a folder whose ``*.npz``
+    shards (sorted by name) are concatenated. The arrays are read once into memory.
+    exclude_source: drop rows whose ``source`` equals this (files without ``source`` keep every
+    row); the shared train set's ``"celeba_facecrop"`` rows are framed differently.
+    indices: keep only these rows (positions after the source filter), in this order.
+
+    Attributes: ``images`` uint8 tensor (n, 32, 32, 3); ``celeba_id`` long tensor (n,) or None
+    when some file lacks it.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        indices: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        exclude_source: str | None = None,
+    ):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DataError(f"{self.path}: no such file or folder")
+        chunks, ids = [], []
+        for f in _npz_files(self.path):
+            images, source, celeba_id = _load_npz(f)
+            if exclude_source is not None and source is not None:
+                keep = source != exclude_source
+                images = images[keep]
+                celeba_id = celeba_id[keep] if celeba_id is not None else None
+            chunks.append(images)
+            ids.append(celeba_id)
+        images = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+        celeba_id = None
+        if all(i is not None for i in ids):
+            celeba_id = np.concatenate(ids).astype(np.int64)
+        if indices is not None:
+            idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+            if idx.size and (idx.min() < -len(images) or idx.max() >= len(images)):
+                raise DataError(f"{self.path}: indices out of range for {len(images)} images")
+            images = images[idx]
+            celeba_id = celeba_id[idx] if celeba_id is not None else None
+        self.images = torch.from_numpy(np.ascontiguousarray(images))  # (n, 32, 32, 3) uint8
+        self.celeba_id = torch.from_numpy(celeba_id) if celeba_id is not None else None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        """uint8 (32, 32, 3)."""
+        return self.images[i].clone()
+
+
+# --------------------------------------------------------------------------- image files
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow image -> 8-bit RGB. Transparency is composited on white; 16-bit and float
+    greyscale are rescaled to 0..255 rather than clipped (Pillow's own convert clips)."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(img).astype(np.float64)
+        if img.mode == "F" and a.size and a.max() <= 1.0:
+            a = a * 255.0
+        elif img.mode != "F" and a.size and a.max() > 255:
+            a = a / 257.0  # 16-bit range 0..65535 -> 0..255
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    ):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode == "L" and "transparency" in img.info:
+        return _to_rgb(img.convert("LA"))
+    return img.convert("RGB")
+
+
+def _read_image(path: Path) -> Image.Image:
+    """Decode a file to RGB (EXIF orientation applied), with a one-line DataError on failure."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from e
+
+
+def _resize_to_target(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image (already cropped) -> uint8 (32, 32, 3) by area resize."""
+    small = img.resize((HR_SIZE, HR_SIZE), Image.BOX)
+    return torch.from_numpy(np.array(small, dtype=np.uint8))
+
+
+def _is_image_file(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+
+
+def _list_images(root: Path, recursive: bool) -> list[Path]:
+    if recursive:
+        found = (
+            p
+            for p in root.rglob("*")
+            # Skip hidden files and folders (.git, macOS "._x.jpg" resource forks).
+            if not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+    else:
+        found = root.iterdir()
+    return sorted(p for p in found if _is_image_file(p))
+
+
+class FolderFaces(Dataset):
+    """A folder of face images of any size and mode: item i is uint8 (32, 32, 3).
+
+    Each image is decoded to RGB (RGBA composited on white, EXIF rotation applied), cropped to
+    its centre square, and area-resized (Image.BOX) to 32x32. Files are those with an image
+    extension (png jpg jpeg bmp webp tif tiff, any case), sorted by path; hidden ones skipped.
+    """
+
+    def __init__(self, root: str | os.PathLike, recursive: bool = True):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: not a folder")
+        self.files = _list_images(self.root, recursive)
+        if not self.files:
+            raise DataError(f"{self.root}: no image files ({' '.join(IMAGE_EXTENSIONS)})")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        """uint8 (32, 32, 3)."""
+        img = _read_image(self.files[i])
+        w, h = img.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        return _resize_to_target(img.crop((left, top, left + side, top + side)))
+
+
+# --------------------------------------------------------------------------- CelebA
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def celeba_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """The Img2imgCeleba crop box (left, top, right, bottom) for an aligned image of this size:
+    (20, 40, 158, 178) at 178x218, scaled proportionally otherwise (89x109 -> (10, 20, 79, 89))."""
+    sx, sy = width / CELEBA_SIZE[0], height / CELEBA_SIZE[1]
+    left, top, right, bottom = CELEBA_BOX
+    return (
+        _round_half_up(left * sx),
+        _round_half_up(top * sy),
+        _round_half_up(right * sx),
+        _round_half_up(bottom * sy),
+    )
+
+
+def _find_celeba(root: Path) -> tuple[Path, Path] | None:
+    """(image folder, folder to look for list_eval_partition in), or None if not CelebA."""
+    if root.name == "img_align_celeba" and root.is_dir():
+        image_dir, base = root, root.parent
+    elif (root / "img_align_celeba").is_dir():
+        image_dir, base = root / "img_align_celeba", root
+    elif (root / "celeba" / "img_align_celeba").is_dir():
+        image_dir, base = root / "celeba" / "img_align_celeba", root / "celeba"
+    else:
+        return None
+    # The Kaggle zip nests the images one level deeper: img_align_celeba/img_align_celeba/*.jpg.
+    nested = image_dir / "img_align_celeba"
+    if nested.is_dir() and not any(_is_image_file(p) for p in image_dir.iterdir()):
+        image_dir = nested
+    return image_dir, base
+
+
+def _read_partition(base: Path) -> dict[str, int] | None:
+    """list_eval_partition.txt ("000001.jpg 0") or Kaggle's .csv ("000001.jpg,0" after a
+    header) -> {file name: partition}; None when neither file exists."""
+    for name in ("list_eval_partition.txt", "list_eval_partition.csv"):
+        path = base / name
+        if path.is_file():
+            break
+    else:
+        return None
+    table: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.replace(",", " ").split()
+            if not fields or (lineno == 1 and fields[0] == "image_id"):
+                continue
+            if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
+                raise DataError(f"{path}:{lineno}: expected 'NAME.jpg 0|1|2', got {line.strip()!r}")
+            table[fields[0]] = int(fields[1])
+    return table
+
+
+class CelebAFaces(Dataset):
+    """CelebA aligned faces, cropped by the Img2imgCeleba protocol: item i is uint8 (32, 32, 3).
+
+    root: a folder holding ``img_align_celeba/``, torchvision's parent folder holding
+    ``celeba/img_align_celeba/``, or the ``img_align_celeba`` folder itself.
+    split: "train", "valid", "test" (partitions 0, 1, 2 of ``list_eval_partition.txt``, looked
+    for beside ``img_align_celeba``) or "all" (every image; needs no partition file). Images in
+    the folder but not in the partition file belong only to "all".
+
+    Attributes: ``files`` (sorted paths), ``celeba_ids`` (image numbers from the file names,
+    -1 where the name is not a number).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "train"):
+        self.root = Path(root)
+        if split not in (*CELEBA_SPLITS, "all"):
+            raise DataError(f"unknown CelebA split {split!r}: use train, valid, test or all")
+        self.split = split
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: no such folder")
+        found = _find_celeba(self.root)
+        if found is None:
+            raise DataError(f"{self.root}: no img_align_celeba folder here or under celeba/")
+        self.image_dir, base = found
+        files = sorted(p for p in self.image_dir.iterdir() if _is_image_file(p))
+        if not files:
+            raise DataError(f"{self.image_dir}: no images")
+        if split != "all":
+            partition = _read_partition(base)
+            if partition is None:
+                raise DataError(
+                    f"{base}: no list_eval_partition.txt, so split {split!r} is unknown; "
+                    "add that file from the CelebA download or use split 'all'"
+                )
+            want = CELEBA_SPLITS[split]
+            files = [p for p in files if partition.get(p.name) == want]
+            if not files:
+                raise DataError(f"{self.image_dir}: no images of split {split!r}")
+        self.files = files
+        self.celeba_ids = [int(p.stem) if p.stem.isdigit() else -1 for p in files]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        """uint8 (32, 32, 3)."""
+        img = _read_image(self.files[i])
+        return _resize_to_target(img.crop(celeba_box(*img.size)))
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def open_faces(
+    path: str | os.PathLike, split: str = "train", exclude_source: str | None = None
+) -> Dataset:
+    """A face dataset (items uint8 (32, 32, 3)) chosen by what ``path`` is:
+
+    - an ``.npz`` file, or a folder with ``*.npz`` in it -> ``NpzFaces`` (``exclude_source``
+      applies);
+    - a folder named ``img_align_celeba``, or holding one directly or under ``celeba/`` ->
+      ``CelebAFaces(path, split)``;
+    - any other folder with image files (searched recursively) -> ``FolderFaces``.
+
+    Raises DataError (one line) when the path is missing, empty, or none of these.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or folder")
+    if p.is_file():
+        if p.suffix.lower() == ".npz":
+            return NpzFaces(p, exclude_source=exclude_source)
+        raise DataError(f"{p}: not a dataset; give an .npz file or a folder of images")
+    if _find_celeba(p) is not None:
+        return CelebAFaces(p, split)
+    if any(q.is_file() for q in p.glob("*.npz")):
+        return NpzFaces(p, exclude_source=exclude_source)
+    if _list_images(p, recursive=True):
+        return FolderFaces(p, recursive=True)
+    raise DataError(f"{p}: no .npz files, CelebA img_align_celeba folder or images found")
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def _write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """np.savez_compressed to a temporary file in the same folder, then os.replace."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:  # a file object: savez would append .npz to a name
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def prepare_celeba(
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    split: str = "all",
+    shard_size: int = 20000,
+    progress: bool = True,
+) -> list[Path]:
+    """Crop a CelebA ``img_align_celeba`` download into npz shards for ``NpzFaces``.
+
+    Writes ``out_dir/celeba_<split>_<i:03d>.npz``, each with ``images`` uint8 (n, 32, 32, 3)
+    and ``celeba_id`` int32 (n,), n <= shard_size, each written atomically. Shards of the same
+    split left by an earlier run with more shards are removed, so the folder reads back as
+    exactly this split; a folder holding other npz files is refused (keep one folder per
+    split, since ``NpzFaces`` concatenates every shard in a folder). Returns the shard paths.
+    """
+    from tqdm.auto import tqdm
+
+    if shard_size < 1:
+        raise DataError(f"shard_size must be at least 1, got {shard_size}")
+    dataset = CelebAFaces(root, split)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = f"celeba_{split}_"
+
+    def ours(p: Path) -> bool:
+        num = p.stem[len(prefix) :]
+        return p.stem.startswith(prefix) and len(num) >= 3 and num.isdigit()
+
+    others = sorted(p.name for p in out.glob("*.npz") if not ours(p))
+    if others:
+        raise DataError(
+            f"{out}: already holds other npz files ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); use a separate folder for each split"
+        )
+
+    n = len(dataset)
+    written: list[Path] = []
+    with tqdm(total=n, unit="img", desc=f"celeba {split}", disable=not progress) as bar:
+        for shard, start in enumerate(range(0, n, shard_size)):
+            stop = min(start + shard_size, n)
+            images = np.empty((stop - start, *_TARGET_SHAPE), dtype=np.uint8)
+            for j, i in enumerate(range(start, stop)):
+                images[j] = dataset[i].numpy()
+                bar.update(1)
+            ids = np.asarray(dataset.celeba_ids[start:stop], dtype=np.int32)
+            path = out / f"{prefix}{shard:03d}.npz"
+            _write_npz_atomic(path, images=images, celeba_id=ids)
+            written.append(path)
+    keep = set(written)
+    for stale in out.glob(f"{prefix}*.npz"):
+        if ours(stale) and stale not in keep:
+            stale.unlink()
+    return written
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic random split of range(n) for held-out evaluation during training.
+
+    Returns (train_idx, val_idx), int64 arrays, each sorted, disjoint, together range(n).
+    The validation size is round(n * val_fraction), clamped to at most n - 1 and (when n >= 2
+    and val_fraction > 0) at least 1, so rounding alone never empties either side.
+    """
+    if n < 0:
+        raise DataError(f"n must be non-negative, got {n}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = min(_round_half_up(n * val_fraction), max(n - 1, 0))
+    if val_fraction > 0 and n >= 2:
+        n_val = max(n_val, 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)

@@ -1,0 +1,349 @@
+"""Training: the base model and the proposal-head regimes of Stern et al. 2018 (section 6).
+
+Regimes (``TrainConfig.regime``):
+- ``base``: the plain Image Transformer (k = 1), from scratch.
+- ``regular``: the base model frozen, only the proposal heads trained.
+- ``finetune``: base and heads trained jointly, warm-started from a base checkpoint.
+- ``distill``: like ``finetune`` (or ``regular`` with ``--freeze-base``), but the targets are
+  the base model's own greedy decodes of the training inputs (sequence-level distillation,
+  Kim and Rush 2016; the paper's section 6 used it for translation). Decodes are made once
+  and cached on disk.
+
+Loss: cross-entropy of the base slot, plus the mean cross-entropy of the proposal slots at
+their offsets (or one random slot per batch, the paper's option), plus the auxiliary
+cross-entropy of the conditioning logits (Dahl et al. 2017).
+
+Runs on one process or many (``torchrun --nproc-per-node N -m bpd_sr.train ...``; gloo on
+CPU, nccl on GPU; rank 0 logs and saves). Checkpoints hold the model config, the train
+config, the step, the optimizer and the RNG state; they are written atomically every
+``ckpt_minutes`` and at the end, and ``--resume`` continues a killed run. The batch order is
+a pure function of (seed, step), so a resumed run sees the same batches as an unbroken one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .config import N_HR_TOKENS, ModelConfig, TrainConfig
+from .model import ImageTransformer
+from .pretrained import CheckpointError, load_checkpoint, save_checkpoint
+from .tokens import downsample, image_to_tokens
+
+REGIMES = ("base", "regular", "finetune", "distill")
+
+
+class TrainError(ValueError):
+    """A one-line problem with the training setup."""
+
+
+# ---- distributed helpers (nanoGPT / torchvision references style) ----------------------
+def _dist_setup() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from torchrun's environment; a plain process is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+# ---- data ---------------------------------------------------------------------------
+def load_images(path: str, progress: bool = True) -> torch.Tensor:
+    """All faces of a dataset as one uint8 tensor (N, 32, 32, 3): small enough to hold in
+    memory (200k CelebA faces are 600 MB), and batches are then free to assemble."""
+    from .data import open_faces
+
+    ds = open_faces(path)
+    if hasattr(ds, "images"):
+        arr = ds.images
+        return torch.as_tensor(np.ascontiguousarray(arr))
+    items = [ds[i] for i in tqdm(range(len(ds)), desc="loading faces", disable=not progress)]
+    return torch.stack([torch.as_tensor(np.asarray(x)) for x in items])
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1):
+    """The images of one rank's batch at ``step``: an epoch-wise permutation seeded by
+    (seed, epoch), so any step's batch can be recomputed after a restart. long (batch_size,)."""
+    per_step = batch_size * world
+    steps_per_epoch = max(1, n // per_step)
+    epoch, i = divmod(step, steps_per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    start = i * per_step + rank * batch_size
+    idx = perm[start : start + batch_size]
+    if len(idx) < batch_size:  # fewer images than one global batch: sample with wrap-around
+        idx = perm[torch.arange(start, start + batch_size) % n]
+    return idx
+
+
+def make_batch(images: torch.Tensor, idx: torch.Tensor, step: int, seed: int, flip: bool):
+    """(lr uint8 (B, 8, 8, 3), targets long (B, 3072)); horizontal flips are the only
+    augmentation, drawn from a generator seeded by the step."""
+    hr = images[idx.to(images.device)]
+    if flip:
+        g = torch.Generator().manual_seed(seed * 7919 + step)
+        do = (torch.rand(len(idx), generator=g) < 0.5).to(hr.device)
+        hr = torch.where(do[:, None, None, None], hr.flip(2), hr)
+    return downsample(hr), image_to_tokens(hr)
+
+
+# ---- loss ---------------------------------------------------------------------------
+def sr_loss(
+    logits: torch.Tensor,
+    cond_logits: torch.Tensor,
+    targets: torch.Tensor,
+    cond_weight: float,
+    head_slot: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """logits (B, 3072, k, 256), cond_logits (B, 3072, 256), targets long (B, 3072).
+
+    Slot i at position p is scored against target p + i (positions past the end are left
+    out). head_slot: score only that proposal slot (the paper's one random head per batch);
+    None: the mean over all proposal slots.
+    """
+    k = logits.shape[2]
+    base = F.cross_entropy(logits[:, :, 0].flatten(0, 1).float(), targets.flatten())
+    cond = F.cross_entropy(cond_logits.flatten(0, 1).float(), targets.flatten())
+    stats = {"bpd": base.item() / math.log(2), "cond_bpd": cond.item() / math.log(2)}
+    loss = base + cond_weight * cond
+    slots = [head_slot] if head_slot is not None else list(range(1, k))
+    if slots:
+        head_losses = []
+        for i in slots:
+            lg = logits[:, : N_HR_TOKENS - i, i].flatten(0, 1).float()
+            head_losses.append(F.cross_entropy(lg, targets[:, i:].flatten()))
+        heads = torch.stack(head_losses).mean()
+        loss = loss + heads
+        stats["heads_bpd"] = heads.item() / math.log(2)
+    return loss, stats
+
+
+@torch.no_grad()
+def evaluate_heads(model: ImageTransformer, images: torch.Tensor, batch_size: int, amp) -> dict:
+    """Held-out bits per dimension of the base model and top-1 accuracy of every slot."""
+    model.eval()
+    k = model.cfg.k
+    correct = torch.zeros(k)
+    total = torch.zeros(k)
+    nll = 0.0
+    for s in range(0, len(images), batch_size):
+        hr = images[s : s + batch_size]
+        lr, targets = downsample(hr), image_to_tokens(hr)
+        with amp():
+            logits, _ = model(lr, targets)
+        nll += F.cross_entropy(
+            logits[:, :, 0].flatten(0, 1).float(), targets.flatten(), reduction="sum"
+        ).item()
+        pred = logits.argmax(-1)  # (B, 3072, k)
+        for i in range(k):
+            correct[i] += (pred[:, : N_HR_TOKENS - i, i] == targets[:, i:]).sum().item()
+            total[i] += targets[:, i:].numel()
+    model.train()
+    return {
+        "val_bpd": nll / (len(images) * N_HR_TOKENS) / math.log(2),
+        "val_top1": [round(float(c / t), 4) for c, t in zip(correct, total, strict=True)],
+    }
+
+
+# ---- distillation targets -------------------------------------------------------------
+def distill_targets(
+    base: ImageTransformer, images: torch.Tensor, cache_path: Path, batch_size: int = 64,
+    progress: bool = True,
+) -> torch.Tensor:
+    """The base model's greedy decodes of every training input, uint8 (N, 32, 32, 3), made
+    once and cached (atomically) at cache_path."""
+    from .decoding import greedy_decode
+
+    if cache_path.exists():
+        cached = torch.as_tensor(np.load(cache_path)["images"])
+        if cached.shape == images.shape:
+            return cached
+    base.eval()
+    out = []
+    lr_all = downsample(images)
+    for s in tqdm(range(0, len(images), batch_size), desc="distillation decodes",
+                  disable=not progress):
+        out.append(greedy_decode(base, lr_all[s : s + batch_size]).images)
+    decoded = torch.cat(out)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_path.with_name(cache_path.name + ".tmp.npz")
+    np.savez(tmp, images=decoded.numpy())
+    os.replace(tmp, cache_path)
+    return decoded
+
+
+# ---- model setup ------------------------------------------------------------------------
+def build_model(cfg: TrainConfig) -> ImageTransformer:
+    """A new model for the regime; warm-started from ``cfg.init`` except for ``base``."""
+    if cfg.regime not in REGIMES:
+        raise TrainError(f"unknown regime {cfg.regime!r}; choose from {', '.join(REGIMES)}")
+    if cfg.regime == "base":
+        return ImageTransformer(ModelConfig.preset(cfg.preset, k=1, **cfg.model_overrides))
+    if not cfg.init:
+        raise TrainError(f"regime {cfg.regime!r} needs --init BASE_CHECKPOINT")
+    if cfg.k < 2:
+        raise TrainError(f"regime {cfg.regime!r} trains proposal heads: use --k 2 or more")
+    ckpt = load_checkpoint(cfg.init)
+    base_cfg = ModelConfig.from_dict(ckpt["model_config"])
+    model = ImageTransformer(replace(base_cfg, k=cfg.k, **cfg.model_overrides))
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    bad = [m for m in missing if not m.startswith("heads.")]
+    if bad or unexpected:
+        raise CheckpointError(f"{cfg.init}: does not fit this model (missing {bad[:3]}, "
+                              f"unexpected {list(unexpected)[:3]})")
+    return model
+
+
+def _lr_at(cfg: TrainConfig, step: int, seconds: float) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio over the run. A time-limited run
+    measures its progress in time, so the schedule fits whatever the hardware manages."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = step / max(1, cfg.max_steps)
+    if cfg.max_minutes > 0:
+        progress = max(progress, seconds / (60 * cfg.max_minutes))
+    progress = min(1.0, progress)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) one training run; returns the path of its final checkpoint."""
+    rank, world, device = _dist_setup()
+    out = Path(cfg.out)
+    last = out / "last.pt"
+    state = None
+    if resume and last.exists():
+        state = load_checkpoint(last)
+        saved = TrainConfig.from_dict(state["train_config"])
+        # the run continues as it was configured; only the budget may be extended
+        cfg = replace(saved, max_steps=max(cfg.max_steps, saved.max_steps),
+                      max_minutes=max(cfg.max_minutes, saved.max_minutes))
+    torch.manual_seed(cfg.seed + rank)
+
+    images = load_images(cfg.data, progress=progress and rank == 0)
+    n_val = int(len(images) * cfg.val_fraction) if cfg.val_fraction > 0 else 0
+    g = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(len(images), generator=g)
+    val_images, train_images = images[perm[:n_val]], images[perm[n_val:]]
+    if len(train_images) == 0:
+        raise TrainError(f"{cfg.data}: no training images")
+
+    model = build_model(cfg) if state is None else ImageTransformer(
+        ModelConfig.from_dict(state["model_config"]))
+    if cfg.regime == "distill":
+        base = build_model(replace(cfg, regime="regular")).to(device)
+        cache = Path(cfg.distill_cache or (out / "distill_targets.npz"))
+        train_images = distill_targets(base, train_images.to(device), cache,
+                                       progress=progress and rank == 0).cpu()
+        del base
+    train_images = train_images.to(device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model.to(device).train()
+    if cfg.regime == "regular":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("heads."))
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda",
+    )
+    step, seconds = 0, 0.0
+    log: list[dict] = []
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        step, seconds, log = state["step"], state["train_seconds"], state.get("log", [])
+        torch.set_rng_state(state["rng"]["torch"])
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type in ("cuda", "cpu"))
+    def amp():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    def save(path: Path) -> None:
+        if rank != 0:
+            return
+        save_checkpoint(path, model, cfg, extra={
+            "optimizer": opt.state_dict(), "step": step, "train_seconds": seconds, "log": log,
+            "rng": {"torch": torch.get_rng_state()},
+        })
+
+    def out_of_budget() -> bool:
+        if step >= cfg.max_steps:
+            return True
+        return cfg.max_minutes > 0 and seconds >= 60 * cfg.max_minutes
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress or rank != 0,
+               desc=f"train {cfg.regime}", dynamic_ncols=True)
+    last_ckpt = time.monotonic()
+    rng = np.random.default_rng(cfg.seed + step)
+    while not out_of_budget():
+        t0 = time.perf_counter()
+        idx = batch_indices(len(train_images), cfg.batch_size, step, cfg.seed, rank, world)
+        lr_img, targets = make_batch(train_images, idx, step, cfg.seed, cfg.flip)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(cfg, step, seconds)
+        head_slot = int(rng.integers(1, cfg.k)) if cfg.random_head and cfg.k > 1 else None
+        with amp():
+            logits, cond_logits = ddp_model(lr_img, targets)
+        loss, stats = sr_loss(logits, cond_logits, targets, cfg.cond_loss_weight, head_slot)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        seconds += dt
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", bpd=f"{stats['bpd']:.3f}",
+                        img_s=f"{cfg.batch_size * world / dt:.0f}")
+        if rank == 0 and (step % cfg.eval_every == 0 or out_of_budget()):
+            entry = {"step": step, "train_seconds": round(seconds, 1), **stats,
+                     "images_per_s": round(cfg.batch_size * world / dt, 1)}
+            if len(val_images):
+                entry.update(evaluate_heads(model, val_images[:256].to(device), cfg.batch_size, amp))
+            log.append(entry)
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            if progress:
+                tqdm.write(json.dumps(entry))
+        if time.monotonic() - last_ckpt > 60 * cfg.ckpt_minutes:
+            save(last)
+            last_ckpt = time.monotonic()
+    bar.close()
+    save(last)
+    if world > 1:
+        dist.barrier()
+    return last
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m bpd_sr.train ...
+    from .cli import train_command
+
+    train_command(prog_name="python -m bpd_sr.train")

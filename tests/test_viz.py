@@ -1,0 +1,92 @@
+"""bpd_sr.viz: colour maps, per-pixel maps of decoding steps, strips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bpd_sr.viz import accepted_length_map, colormap, enlarge, step_map, strip
+
+
+def test_colormap_endpoints_and_clipping() -> None:
+    values = np.array([[0.0, 10.0, -5.0, 99.0]])
+    out = colormap(values, vmin=0.0, vmax=10.0)
+    assert out.shape == (1, 4, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[0, 0], [68, 1, 84])  # viridis dark purple
+    np.testing.assert_array_equal(out[0, 1], [253, 231, 37])  # viridis yellow
+    np.testing.assert_array_equal(out[0, 2], out[0, 0])  # below vmin clips
+    np.testing.assert_array_equal(out[0, 3], out[0, 1])  # above vmax clips
+    magma = colormap(values, 0.0, 10.0, name="magma")
+    np.testing.assert_array_equal(magma[0, 0], [0, 0, 4])
+    np.testing.assert_array_equal(magma[0, 1], [252, 253, 191])
+
+
+def test_colormap_interpolates_and_is_monotone_in_brightness() -> None:
+    ramp = np.linspace(0, 1, 101)[None]
+    out = colormap(ramp, 0.0, 1.0).astype(float)
+    # Midway between the first two anchors (t = 1/16) is their average.
+    mid = colormap(np.array([[1 / 16]]), 0.0, 1.0)[0, 0]
+    np.testing.assert_allclose(mid, [(68 + 71) / 2, (1 + 45) / 2, (84 + 123) / 2], atol=0.51)
+    luma = out[0] @ np.array([0.299, 0.587, 0.114])
+    assert (np.diff(luma) > -1.0).all()  # viridis brightens steadily
+
+
+def test_colormap_nan_flat_and_unknown_name() -> None:
+    out = colormap(np.array([[np.nan, 3.0]]), 3.0, 3.0)
+    np.testing.assert_array_equal(out[0, 0], [128, 128, 128])
+    np.testing.assert_array_equal(out[0, 1], [68, 1, 84])
+    with pytest.raises(ValueError, match="unknown colour map"):
+        colormap(np.zeros((2, 2)), 0, 1, name="jet")
+
+
+def test_accepted_length_map_hand_made() -> None:
+    # 2x2 image, 12 tokens in raster order, decoded in steps of 5, 3, 4 tokens.
+    accepted = torch.tensor([5, 3, 4])
+    step_index = torch.tensor([0] * 5 + [1] * 3 + [2] * 4).reshape(2, 2, 3)
+    m = accepted_length_map(accepted, step_index)
+    assert m.shape == (2, 2) and m.dtype == np.float64
+    # pixel (0,0): 5,5,5; (0,1): 5,5,3; (1,0): 3,3,4; (1,1): 4,4,4
+    np.testing.assert_allclose(m, [[5.0, 13 / 3], [10 / 3, 4.0]])
+
+
+def test_accepted_length_map_full_size_and_bad_index() -> None:
+    accepted = np.full(3072 // 4, 4)
+    step_index = (np.arange(3072) // 4).reshape(32, 32, 3)
+    m = accepted_length_map(accepted, step_index)
+    assert m.shape == (32, 32) and (m == 4).all()
+    with pytest.raises(ValueError):
+        accepted_length_map(np.array([1, 2]), np.full((2, 2, 3), 2))
+
+
+def test_step_map() -> None:
+    step_index = np.array([[[0, 0, 1], [1, 2, 2]]])
+    np.testing.assert_allclose(step_map(step_index), [[1 / 3, 5 / 3]])
+
+
+def test_enlarge() -> None:
+    img = np.array([[[1, 2, 3], [4, 5, 6]]], np.uint8)  # (1, 2, 3)
+    big = enlarge(img, 4)
+    assert big.shape == (4, 8, 3)
+    assert (big[:, :4] == [1, 2, 3]).all() and (big[:, 4:] == [4, 5, 6]).all()
+
+
+def test_strip_size_layout_and_gaps() -> None:
+    lr = np.zeros((8, 8, 3), np.uint8)
+    hr = np.full((32, 32, 3), 7, np.uint8)
+    out = strip([lr, hr, hr], height=64, gap=3)
+    assert out.shape == (64, 3 * 64 + 2 * 3, 3) and out.dtype == np.uint8
+    assert (out[:, :64] == 0).all()  # the 8x8, enlarged 8 times
+    assert (out[:, 64:67] == 255).all()  # white gap
+    assert (out[:, 67:131] == 7).all()
+    assert (out[:, 131:134] == 255).all()
+    assert strip([lr], height=16, gap=5).shape == (16, 16, 3)  # no gap after the last
+
+
+def test_strip_exact_nearest_blocks_and_grayscale() -> None:
+    lr = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(strip([lr], height=32, gap=0), enlarge(lr, 4))
+    gray = np.full((4, 4), 90, np.uint8)
+    assert (strip([gray], height=8) == 90).all()
+    with pytest.raises(ValueError):
+        strip([], height=8)
