@@ -112,6 +112,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     cond_loss_weight: float = 1.0
     random_head: bool = False  # the paper's option: one random proposal head per batch
+    # what the proposal heads learn: "data" (the ground truth, as in the paper) or "base"
+    # (the base model's own argmax at each position given the true prefix: teacher-forced
+    # distillation, one forward pass, no decoding; it targets exactly what verification checks)
+    head_targets: str = "data"
     flip: bool = True
     val_fraction: float = 0.02
     eval_every: int = 500

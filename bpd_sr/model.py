@@ -81,7 +81,7 @@ class ConditioningNet(nn.Module):
         self.out = nn.Conv2d(c, CHANNELS * N_INTENSITIES, 1)
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
-        x = lr.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, 8, 8)
+        x = lr.permute(0, 3, 1, 2).to(self.stem.weight.dtype) / 127.5 - 1.0  # (B, 3, 8, 8)
         x = self.stem(x)
         for block in self.res:
             x = x + block(x)

@@ -111,13 +111,16 @@ def sr_loss(
     targets: torch.Tensor,
     cond_weight: float,
     head_slot: int | None = None,
+    head_targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """logits (B, 3072, k, 256), cond_logits (B, 3072, 256), targets long (B, 3072).
 
     Slot i at position p is scored against target p + i (positions past the end are left
     out). head_slot: score only that proposal slot (the paper's one random head per batch);
-    None: the mean over all proposal slots.
+    None: the mean over all proposal slots. head_targets: long (B, 3072) what the proposal
+    slots learn instead of ``targets`` (e.g. the base model's own predictions).
     """
+    head_targets = targets if head_targets is None else head_targets
     k = logits.shape[2]
     base = F.cross_entropy(logits[:, :, 0].flatten(0, 1).float(), targets.flatten())
     cond = F.cross_entropy(cond_logits.flatten(0, 1).float(), targets.flatten())
@@ -128,7 +131,7 @@ def sr_loss(
         head_losses = []
         for i in slots:
             lg = logits[:, : N_HR_TOKENS - i, i].flatten(0, 1).float()
-            head_losses.append(F.cross_entropy(lg, targets[:, i:].flatten()))
+            head_losses.append(F.cross_entropy(lg, head_targets[:, i:].flatten()))
         heads = torch.stack(head_losses).mean()
         loss = loss + heads
         stats["heads_bpd"] = heads.item() / math.log(2)
@@ -141,6 +144,7 @@ def evaluate_heads(model: ImageTransformer, images: torch.Tensor, batch_size: in
     model.eval()
     k = model.cfg.k
     correct = torch.zeros(k)
+    agree = torch.zeros(k)  # slot i's argmax within 2 levels of the base's argmax at p + i
     total = torch.zeros(k)
     nll = 0.0
     for s in range(0, len(images), batch_size):
@@ -154,11 +158,14 @@ def evaluate_heads(model: ImageTransformer, images: torch.Tensor, batch_size: in
         pred = logits.argmax(-1)  # (B, 3072, k)
         for i in range(k):
             correct[i] += (pred[:, : N_HR_TOKENS - i, i] == targets[:, i:]).sum().item()
+            near = (pred[:, : N_HR_TOKENS - i, i] - pred[:, i:, 0]).abs() <= 2
+            agree[i] += near.sum().item()
             total[i] += targets[:, i:].numel()
     model.train()
     return {
         "val_bpd": nll / (len(images) * N_HR_TOKENS) / math.log(2),
         "val_top1": [round(float(c / t), 4) for c, t in zip(correct, total, strict=True)],
+        "val_agree_eps2": [round(float(a / t), 4) for a, t in zip(agree, total, strict=True)],
     }
 
 
@@ -192,6 +199,8 @@ def distill_targets(
 # ---- model setup ------------------------------------------------------------------------
 def build_model(cfg: TrainConfig) -> ImageTransformer:
     """A new model for the regime; warm-started from ``cfg.init`` except for ``base``."""
+    if cfg.head_targets not in ("data", "base"):
+        raise TrainError(f"unknown head targets {cfg.head_targets!r}; choose data or base")
     if cfg.regime not in REGIMES:
         raise TrainError(f"unknown regime {cfg.regime!r}; choose from {', '.join(REGIMES)}")
     if cfg.regime == "base":
@@ -308,7 +317,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         head_slot = int(rng.integers(1, cfg.k)) if cfg.random_head and cfg.k > 1 else None
         with amp():
             logits, cond_logits = ddp_model(lr_img, targets)
-        loss, stats = sr_loss(logits, cond_logits, targets, cfg.cond_loss_weight, head_slot)
+        head_targets = logits[:, :, 0].argmax(-1).detach() if cfg.head_targets == "base" else None
+        loss, stats = sr_loss(logits, cond_logits, targets, cfg.cond_loss_weight, head_slot,
+                              head_targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

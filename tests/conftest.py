@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny models and synthetic low-res inputs (no shared data needed).
+
+Parity tests run in float64: exact acceptance equals greedy decoding as an algorithm, and
+float64 keeps argmax near-ties (which float32 breaks differently for different matrix
+shapes) out of the way, so a failure means a bug, not rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bpd_sr import ImageTransformer, ModelConfig
+
+
+def tiny_model(k: int = 4, seed: int = 0, dtype=torch.float64, **overrides) -> ImageTransformer:
+    torch.manual_seed(seed)
+    model = ImageTransformer(ModelConfig.preset("tiny", k=k, **overrides)).to(dtype).eval()
+    # random init leaves logits nearly flat; sharpen them so decodes are not all one value
+    with torch.no_grad():
+        model.out_proj.weight.mul_(20.0)
+    return model
+
+
+def random_lr(batch: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, 8, 8, 3), dtype=torch.uint8, generator=g)
+
+
+@pytest.fixture
+def model4() -> ImageTransformer:
+    return tiny_model(k=4)
