@@ -307,14 +307,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress or rank != 0,
                desc=f"train {cfg.regime}", dynamic_ncols=True)
     last_ckpt = time.monotonic()
-    rng = np.random.default_rng(cfg.seed + step)
     while not out_of_budget():
         t0 = time.perf_counter()
         idx = batch_indices(len(train_images), cfg.batch_size, step, cfg.seed, rank, world)
         lr_img, targets = make_batch(train_images, idx, step, cfg.seed, cfg.flip)
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, step, seconds)
-        head_slot = int(rng.integers(1, cfg.k)) if cfg.random_head and cfg.k > 1 else None
+        head_slot = None  # like the batch, the random head is a function of (seed, step)
+        if cfg.random_head and cfg.k > 1:
+            head_slot = int(np.random.default_rng([cfg.seed, step]).integers(1, cfg.k))
         with amp():
             logits, cond_logits = ddp_model(lr_img, targets)
         head_targets = logits[:, :, 0].argmax(-1).detach() if cfg.head_targets == "base" else None
@@ -334,7 +335,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         bar.set_postfix(loss=f"{loss.item():.3f}", bpd=f"{stats['bpd']:.3f}",
                         img_s=f"{cfg.batch_size * world / dt:.0f}")
         if rank == 0 and (step % cfg.eval_every == 0 or out_of_budget()):
-            entry = {"step": step, "train_seconds": round(seconds, 1), **stats,
+            entry = {"step": step, "train_seconds": round(seconds, 1), "world_size": world, **stats,
                      "images_per_s": round(cfg.batch_size * world / dt, 1)}
             if len(val_images):
                 entry.update(evaluate_heads(model, val_images[:256].to(device), cfg.batch_size, amp))

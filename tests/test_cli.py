@@ -1,0 +1,202 @@
+"""The command line: upscale on good and bad inputs, evaluate, benchmark, export."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from bpd_sr.cli import main
+from bpd_sr.pretrained import save_checkpoint
+from tests.conftest import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "data" / "examples" / "astronaut.png"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    model = tiny_model(k=4, dtype=torch.float32)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", model)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def face(path: Path, size=(8, 8), mode="RGB") -> Path:
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr).convert(mode).save(path)
+    return path
+
+
+def test_help_explains_the_policy():
+    res = run("upscale", "--help")
+    assert res.exit_code == 0
+    assert "centre-cropped" in res.output and "area-resized to 8x8" in res.output
+
+
+def test_upscale_one_file_with_compare_and_heatmap(tmp_path, tiny_ckpt):
+    src = face(tmp_path / "a.png", size=(40, 30))
+    res = run("upscale", src, "--checkpoint", tiny_ckpt, "--compare", "--heatmap",
+              "--preview-scale", "2")
+    assert res.exit_code == 0, res.output
+    assert "centre-cropped to 30x30" in res.output  # the notice for a non-8x8 input
+    assert "mean accepted block" in res.output and "model calls" in res.output
+    out = Image.open(tmp_path / "a_x4.png")
+    assert out.size == (64, 64)  # 32x32, enlarged 2x
+    strip = Image.open(tmp_path / "a_x4_compare.png")
+    assert strip.size[0] > 3 * strip.size[1]  # input | bicubic | bpd-sr | original
+    assert Image.open(tmp_path / "a_x4_heatmap.png").size == (64, 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.png", "a_x4.png", "a_x4_compare.png", "a_x4_heatmap.png"]
+
+
+def test_upscale_folder_to_output_dir_and_greedy(tmp_path, tiny_ckpt):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    face(src / "x.png")
+    face(src / "sub" / "y.jpg")
+    (src / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    res = run("upscale", src, "-o", out, "-r", "--checkpoint", tiny_ckpt, "--greedy", "-q")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["x_x4.png", "y_x4.png"]
+    assert res.output == ""
+
+
+def test_batch_goes_on_past_bad_files_and_reports_them(tmp_path, tiny_ckpt):
+    good = face(tmp_path / "good.png")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.png"
+    text.write_text("hello")
+    trunc = tmp_path / "trunc.png"
+    data = (tmp_path / "good.png").read_bytes()
+    face(tmp_path / "big.png", size=(64, 64))
+    trunc.write_bytes((tmp_path / "big.png").read_bytes()[:200])
+    res = run("upscale", good, empty, text, trunc, tmp_path / "missing.png",
+              "-o", tmp_path / "o", "--checkpoint", tiny_ckpt)
+    assert res.exit_code == 1
+    assert (tmp_path / "o" / "good_x4.png").exists()
+    for name in ("empty.png", "text.png", "trunc.png", "missing.png"):
+        assert name in res.output
+        assert not (tmp_path / "o" / name.replace(".png", "_x4.png")).exists()
+    assert "Traceback" not in res.output
+    assert data == (tmp_path / "good.png").read_bytes()  # inputs untouched
+
+
+def test_decompression_bomb_is_refused(tmp_path, tiny_ckpt, monkeypatch):
+    src = face(tmp_path / "bomb.png", size=(300, 300))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    res = run("upscale", src, "--checkpoint", tiny_ckpt)
+    assert res.exit_code == 1 and "bomb.png" in res.output
+    assert not (tmp_path / "bomb_x4.png").exists()
+
+
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "incompatible"])
+def test_bad_checkpoint_is_one_line(tmp_path, problem):
+    src = face(tmp_path / "a.png")
+    ckpt = tmp_path / "c.pt"
+    if problem == "corrupt":
+        ckpt.write_bytes(b"PK\x03\x04 not really a zip")
+    elif problem == "incompatible":
+        torch.save({"model_config": {"d_model": 8, "colour": 3}, "model": {}}, ckpt)
+    res = run("upscale", src, "--checkpoint", ckpt)
+    assert res.exit_code != 0
+    assert res.output.startswith("Error: ") and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "a_x4.png").exists()
+
+
+def test_missing_path_and_empty_folder(tmp_path, tiny_ckpt):
+    res = run("upscale", tmp_path / "nope.png", "--checkpoint", tiny_ckpt)
+    assert res.exit_code != 0 and "nope.png" in res.output
+    (tmp_path / "empty").mkdir()
+    res = run("upscale", tmp_path / "empty", "--checkpoint", tiny_ckpt)
+    assert res.exit_code != 0 and "no images" in res.output
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to a read-only folder")
+def test_unwritable_output_folder(tmp_path, tiny_ckpt):
+    src = face(tmp_path / "a.png")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    res = run("upscale", src, "-o", ro, "--checkpoint", tiny_ckpt)
+    assert res.exit_code == 1 and "Permission denied" in res.output
+    assert list(ro.iterdir()) == []
+
+
+def test_unwritable_output_path_is_reported(tmp_path, tiny_ckpt):
+    """An output folder that cannot be created (a file is in the way): one line, no output."""
+    src = face(tmp_path / "a.png")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    res = run("upscale", src, "-o", blocker / "out", "--checkpoint", tiny_ckpt)
+    assert res.exit_code != 0 and "cannot create output folder" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_never_overwrites_the_input(tmp_path, tiny_ckpt):
+    src = face(tmp_path / "a.png")
+    before = src.read_bytes()
+    res = run("upscale", src, "--suffix", "", "--checkpoint", tiny_ckpt)
+    assert res.exit_code == 1
+    assert src.read_bytes() == before
+
+
+def test_default_weights_upscale_the_example_face(tmp_path):
+    """The README's first command: the shipped weights, the public-domain example face."""
+    res = run("upscale", EXAMPLE, "-o", tmp_path, "--compare", "--k", "4")
+    assert res.exit_code == 0, res.output
+    out = np.asarray(Image.open(tmp_path / "astronaut_x4.png"))
+    assert out.shape == (32, 32, 3) and out.std() > 10  # a face, not a flat image
+
+
+def test_evaluate_writes_json(tmp_path, tiny_ckpt):
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "faces.npz"
+    np.savez(npz, images=rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    res = run("evaluate", npz, "--k", "2", "--epsilon", "0,2", "--checkpoint", tiny_ckpt,
+              "--json", tmp_path / "e.json", "-q")
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    names = [r["method"] for r in rows]
+    assert names == ["bicubic", "lanczos", "greedy", "blockwise k=2 eps=0", "blockwise k=2 eps=2"]
+    exact = rows[3]
+    assert exact["psnr"] == pytest.approx(rows[2]["psnr"])  # exact acceptance == greedy
+    assert 1.0 <= exact["mean_accepted"] <= 2.0
+
+
+def test_benchmark_writes_json_table_and_plot(tmp_path, tiny_ckpt):
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "faces.npz"
+    np.savez(npz, images=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+    res = run("benchmark", "--data", npz, "--limit", "1", "--k", "2,4", "--batch-sizes", "1,2",
+              "--checkpoint", tiny_ckpt, "--out", tmp_path / "b", "-q")
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "b" / "benchmark.json").read_text())
+    assert [(r["k"], r["epsilon"]) for r in result["table"]["rows"]] == [
+        (1, 0), (2, 0), (2, 2), (4, 0), (4, 2)]
+    assert set(result["step_costs"]) == {"1", "2", "3", "4"}
+    assert result["table"]["rows"][0]["speedup"] == pytest.approx(1.0)
+    assert {r["batch_size"] for r in result["throughput"]} == {1, 2}
+    assert "| 4 |" in (tmp_path / "b" / "table.md").read_text()
+    assert (tmp_path / "b" / "plots.png").stat().st_size > 1000
+
+
+def test_export_makes_a_small_loadable_copy(tmp_path, tiny_ckpt):
+    res = run("export", tiny_ckpt, tmp_path / "small.pt")
+    assert res.exit_code == 0, res.output
+    from bpd_sr.pretrained import load_checkpoint, model_from_checkpoint
+
+    ck = load_checkpoint(tmp_path / "small.pt")
+    assert next(iter(ck["model"].values())).dtype == torch.bfloat16
+    assert model_from_checkpoint(tmp_path / "small.pt").cfg.k == 4

@@ -1,0 +1,126 @@
+"""Training: every regime runs, checkpoints resume exactly, torchrun with 2 CPU processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bpd_sr.config import TrainConfig
+from bpd_sr.pretrained import load_checkpoint, load_pretrained
+from bpd_sr.train import TrainError, batch_indices, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "faces.npz"
+    np.savez(path, images=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8))
+    return path
+
+
+def cfg(faces, out, **kw) -> TrainConfig:
+    base = dict(data=str(faces), preset="tiny", batch_size=4, max_steps=3, warmup_steps=1,
+                eval_every=3, val_fraction=0.2, out=str(out), amp="fp32")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(faces, tmp_path_factory) -> Path:
+    return train(cfg(faces, tmp_path_factory.mktemp("base")), progress=False)
+
+
+def test_base_run_writes_a_self_describing_checkpoint(base_ckpt):
+    ck = load_checkpoint(base_ckpt)
+    assert ck["step"] == 3 and ck["model_config"]["k"] == 1
+    assert ck["train_config"]["regime"] == "base"
+    assert "optimizer" in ck and "rng" in ck
+    log = (base_ckpt.parent / "log.jsonl").read_text().splitlines()
+    assert "val_bpd" in log[-1]
+
+
+@pytest.mark.parametrize("regime,extra", [
+    ("regular", {}), ("finetune", {}), ("finetune", {"random_head": True}),
+    ("regular", {"head_targets": "base"}), ("distill", {}),
+])
+def test_every_regime_runs(faces, base_ckpt, tmp_path, regime, extra):
+    before = load_pretrained(base_ckpt)
+    out = train(cfg(faces, tmp_path, regime=regime, k=3, init=str(base_ckpt),
+                    distill_cache=str(tmp_path / "distill.npz"), **extra), progress=False)
+    after = load_pretrained(out)
+    assert after.cfg.k == 3
+    base_same = torch.equal(after.dec_layers[0].mlp.fc.weight, before.dec_layers[0].mlp.fc.weight)
+    assert base_same == (regime == "regular")  # the regular regime freezes the base model
+    if regime == "distill":
+        assert (tmp_path / "distill.npz").exists()
+
+
+def test_regime_errors(faces, tmp_path):
+    with pytest.raises(TrainError):
+        train(cfg(faces, tmp_path, regime="finetune", k=3), progress=False)  # no --init
+    with pytest.raises(TrainError):
+        train(cfg(faces, tmp_path, regime="magic"), progress=False)
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    a = batch_indices(100, 8, 37, seed=1)
+    assert torch.equal(a, batch_indices(100, 8, 37, seed=1))
+    assert not torch.equal(a, batch_indices(100, 8, 38, seed=1))
+    r0, r1 = batch_indices(100, 8, 5, 1, rank=0, world=2), batch_indices(100, 8, 5, 1, rank=1, world=2)
+    assert not set(r0.tolist()) & set(r1.tolist())  # ranks see different images
+
+
+def test_resume_after_kill_continues_exactly(faces, tmp_path):
+    """Kill a run (SIGKILL) after its first checkpoint; --resume ends where an unbroken run ends."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "bpd_sr.train", "--data", str(faces), "--preset", "tiny",
+           "--batch-size", "4", "--max-steps", "8", "--warmup-steps", "1", "--eval-every", "100",
+           "--amp", "fp32", "--quiet"]
+    subprocess.run([*cmd, "--out", str(tmp_path / "whole")], cwd=ROOT, check=True)
+    whole = tmp_path / "whole" / "last.pt"
+    cmd += ["--out", str(out)]
+    proc = subprocess.Popen([*cmd, "--ckpt-minutes", "0"], cwd=ROOT)  # checkpoint every step
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "last.pt").exists() and load_checkpoint(out / "last.pt")["step"] >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(out / "last.pt")["step"]
+    assert killed_at < 8
+    subprocess.run([*cmd, "--resume"], cwd=ROOT, check=True)
+    a, b = load_checkpoint(whole), load_checkpoint(out / "last.pt")
+    assert b["step"] == 8
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun is not installed")
+def test_torchrun_two_cpu_processes(faces, tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "bpd_sr.train",
+         "--data", str(faces), "--preset", "tiny", "--batch-size", "2", "--max-steps", "2",
+         "--warmup-steps", "1", "--eval-every", "2", "--amp", "fp32", "--out", str(tmp_path),
+         "--quiet"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert ck["step"] == 2
+    assert ck["log"][-1]["images_per_s"] > 0
+    assert ck["log"][-1]["world_size"] == 2
