@@ -25,23 +25,23 @@ def greedy_ref(model8):
 
 
 def synthetic_faces(n: int, seed: int) -> torch.Tensor:
-    """Smooth images that a tiny model learns in a few hundred steps: uint8 (n, 32, 32, 3)."""
+    """Grey images with a few horizontal bands, which a tiny model learns in a few hundred
+    steps: uint8 (n, 32, 32, 3). Runs of equal tokens make long blocks predictable."""
     g = torch.Generator().manual_seed(seed)
     r = torch.arange(32).view(1, 32, 1, 1)
-    c = torch.arange(32).view(1, 1, 32, 1)
-    base = torch.randint(40, 200, (n, 1, 1, 3), generator=g)
-    slope = torch.randint(-2, 3, (n, 1, 1, 3), generator=g)
-    return (base + slope * (r + c) // 2).clamp(0, 255).to(torch.uint8)
+    base = torch.randint(40, 200, (n, 1, 1, 1), generator=g)
+    slope = torch.randint(-8, 9, (n, 1, 1, 1), generator=g)
+    return (base + slope * (r // 8)).clamp(0, 255).expand(n, 32, 32, 3).to(torch.uint8)
 
 
 @pytest.fixture(scope="module")
 def trained_model():
-    """The tiny model with k = 4, base and heads trained jointly for 200 steps."""
+    """The tiny model with k = 4, base and heads trained jointly for 120 steps."""
     from bpd_sr.tokens import downsample
 
     model = tiny_model(k=4, seed=7, dtype=torch.float32).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(200):
+    for step in range(120):
         hr = synthetic_faces(4, seed=step)
         logits, cond = model(downsample(hr), image_to_tokens(hr))
         loss, _ = sr_loss(logits, cond, image_to_tokens(hr), 1.0)
@@ -107,7 +107,6 @@ def test_a_wrong_oracle_is_caught(model8, greedy_ref):
 
 @pytest.mark.parametrize("k", [2, 4])
 def test_exact_blockwise_equals_greedy_trained_heads(trained_model, k):
-    lr = random_lr(3, seed=11)
     from bpd_sr.tokens import downsample
 
     lr = downsample(synthetic_faces(3, seed=999))
@@ -116,7 +115,7 @@ def test_exact_blockwise_equals_greedy_trained_heads(trained_model, k):
     assert torch.equal(res.images, ref.images)
     check_bookkeeping(res, k)
     # trained heads are worth having: well over one token per step
-    assert res.mean_accepted > 1.5
+    assert res.mean_accepted > 1.5, res.mean_accepted
 
 
 def test_batch_equals_each_image_alone(model8):
