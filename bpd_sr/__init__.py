@@ -2,7 +2,7 @@
 blockwise parallel decoding (Stern, Shazeer and Uszkoreit, NeurIPS 2018, arXiv 1811.03115)."""
 
 from .config import DecodeConfig, ModelConfig, TrainConfig
-from .decoding import DecodeResult, blockwise_parallel_decode, greedy_decode
+from .decoding import DecodeResult, blockwise_parallel_decode, greedy_decode, sample_decode
 from .model import ImageTransformer
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __all__ = [
     "blockwise_parallel_decode",
     "greedy_decode",
     "load_pretrained",
+    "sample_decode",
 ]
 
 

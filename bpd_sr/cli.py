@@ -138,9 +138,14 @@ def _load_model(checkpoint: str | None, device: str):
     return load_pretrained(checkpoint, device=device)
 
 
-def _decode_one(model, lr, greedy: bool, k: int | None, epsilon: int):
-    from .decoding import blockwise_parallel_decode, greedy_decode
+def _decode_one(model, lr, greedy: bool, k: int | None, epsilon: int, temperature: float = 0.0,
+                generator=None):
+    from .decoding import blockwise_parallel_decode, greedy_decode, sample_decode
 
+    if temperature > 0:
+        if greedy:
+            return sample_decode(model, lr, temperature, generator)
+        return blockwise_parallel_decode(model, lr, k=k, temperature=temperature, generator=generator)
     if greedy:
         return greedy_decode(model, lr)
     return blockwise_parallel_decode(model, lr, k=k, epsilon=epsilon)
@@ -167,11 +172,17 @@ def _decode_one(model, lr, greedy: bool, k: int | None, epsilon: int):
               "length of the step that produced each pixel.")
 @click.option("--preview-scale", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Enlarge every written image by this factor (nearest neighbour).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, None), default=0.0, show_default=True,
+              help="Sample at this temperature instead of decoding greedily (0.8-0.9 look most "
+                   "real). Exact: proposals are kept by the speculative-sampling rule.")
+@click.option("--samples", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="With --temperature: this many different samples of each input.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the sampler: the same seed gives the same samples.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @one_line_errors
 def upscale_command(paths, out_dir, recursive, suffix, k, epsilon, greedy, checkpoint, device,
-                    compare, heatmap, preview_scale, seed, quiet) -> None:
+                    compare, heatmap, preview_scale, temperature, samples, seed, quiet) -> None:
     """Upscale face images to 32x32 (4x from 8x8).
 
     PATHS are image files or folders. An input that is not 8x8 is centre-cropped to a square
@@ -214,23 +225,31 @@ def upscale_command(paths, out_dir, recursive, suffix, k, epsilon, greedy, check
             if notice and not quiet:
                 click.echo(f"{path}: {notice}")
             target = imageio.output_path(path, out, suffix)
-            res = _decode_one(model, torch.from_numpy(lr_np)[None], greedy, k, epsilon)
-            sr = res.images[0].numpy()
-            save(target, sr)
+            n_samples = samples if temperature > 0 else 1
+            outputs = []
+            for i in range(n_samples):
+                generator = torch.Generator().manual_seed(seed * 1000 + i)
+                res = _decode_one(model, torch.from_numpy(lr_np)[None], greedy, k, epsilon,
+                                  temperature, generator)
+                name = target if n_samples == 1 else target.with_name(f"{target.stem}_s{i}.png")
+                sr = res.images[0].numpy()
+                save(name, sr)
+                outputs.append(sr)
+                if heatmap:
+                    amap = viz.accepted_length_map(res.accepted[0], res.step_index[0])
+                    kk = model.cfg.k if k is None else k
+                    save(name.with_name(name.stem + "_heatmap.png"), viz.colormap(amap, 1, kk))
+                if not quiet:
+                    acc = res.accepted[0]
+                    click.echo(f"{path} -> {name}: {len(acc)} steps, mean accepted block "
+                               f"{acc.float().mean():.2f}, {res.model_calls} model calls, "
+                               f"{res.seconds:.1f} s")
             if compare:
-                panels = [viz.enlarge(lr_np, 4), metrics.upscale_bicubic(lr_np[None])[0], sr]
+                panels = [viz.enlarge(lr_np, 4), metrics.upscale_bicubic(lr_np[None])[0], *outputs]
                 ref = imageio.reference_32(img)
                 if ref is not None and max(img.shape[:2]) > 8:
                     panels.append(ref)
                 save(target.with_name(target.stem + "_compare.png"), viz.strip(panels, 32, gap=1))
-            if heatmap:
-                amap = viz.accepted_length_map(res.accepted[0], res.step_index[0])
-                kk = model.cfg.k if k is None else k
-                save(target.with_name(target.stem + "_heatmap.png"), viz.colormap(amap, 1, kk))
-            if not quiet:
-                acc = res.accepted[0]
-                click.echo(f"{path} -> {target}: {len(acc)} steps, mean accepted block "
-                           f"{acc.float().mean():.2f}, {res.model_calls} model calls, {res.seconds:.1f} s")
         except _user_errors() as e:
             failed.append((path, str(e)))
     if failed:
@@ -277,13 +296,17 @@ def _write_json(path: str, obj) -> None:
 @click.option("--k", "ks", default="4,8,10", show_default=True, help="Comma-separated k values.")
 @click.option("--epsilon", "epsilons", default="0,2", show_default=True)
 @click.option("--limit", type=int, default=None, help="Use the first N faces.")
+@click.option("--temperature", "temperatures", default="", help="Also sample at these "
+              "temperatures (comma-separated), plainly and blockwise with each k.")
+@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--checkpoint", type=click.Path(), default=None)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the results here.")
 @click.option("-q", "--quiet", is_flag=True)
 @one_line_errors
-def evaluate_command(data, ks, epsilons, limit, batch_size, checkpoint, device, json_path, quiet):
+def evaluate_command(data, ks, epsilons, limit, temperatures, seed, batch_size, checkpoint, device,
+                     json_path, quiet):
     """PSNR / SSIM against the ground truth of bicubic, Lanczos, greedy and blockwise decoding.
 
     DATA: an npz of 32x32 faces, a folder of face images, or a CelebA root. The input is the
@@ -293,7 +316,7 @@ def evaluate_command(data, ks, epsilons, limit, batch_size, checkpoint, device, 
     import torch
     from tqdm import tqdm
 
-    from .decoding import blockwise_parallel_decode, greedy_decode
+    from .decoding import blockwise_parallel_decode, sample_decode
     from .metrics import quality, upscale_bicubic, upscale_lanczos
     from .tokens import downsample
 
@@ -303,25 +326,29 @@ def evaluate_command(data, ks, epsilons, limit, batch_size, checkpoint, device, 
     ref = hr.numpy()
     rows = [{"method": "bicubic", **_q(quality(upscale_bicubic(lr.numpy()), ref))},
             {"method": "lanczos", **_q(quality(upscale_lanczos(lr.numpy()), ref))}]
-    configs = [("greedy", 1, 0)] + [(f"blockwise k={k} eps={e}", k, e)
-                                     for k in _parse_ints(ks) for e in _parse_ints(epsilons)
-                                     if k <= model.cfg.k]
-    for name, k, eps in tqdm(configs, desc="decoding", disable=quiet):
+    k_list = [k for k in _parse_ints(ks) if k <= model.cfg.k]
+    configs = [("greedy", 1, 0, 0.0)] + [(f"blockwise k={k} eps={e}", k, e, 0.0)
+                                          for k in k_list for e in _parse_ints(epsilons)]
+    for t in (float(x) for x in temperatures.split(",") if x.strip()):
+        configs += [(f"sample T={t}", 1, 0, t)] + [(f"blockwise k={k} T={t}", k, 0, t) for k in k_list]
+    for name, k, eps, temp in tqdm(configs, desc="decoding", disable=quiet):
         images, acc, calls, secs = [], [], 0, 0.0
+        gen = torch.Generator().manual_seed(seed)
         for s in range(0, len(lr), batch_size):
             batch = lr[s : s + batch_size]
             if k == 1:
-                res = greedy_decode(model, batch)
+                res = sample_decode(model, batch, temp, gen)
                 calls += res.model_calls * len(batch)  # one call per token, per image
             else:
-                res = blockwise_parallel_decode(model, batch, k=k, epsilon=eps)
+                res = blockwise_parallel_decode(model, batch, k=k, epsilon=eps, temperature=temp,
+                                                generator=gen)
                 calls += sum(len(a) + 1 for a in res.accepted)
             images.append(res.images)
             acc += res.accepted
             secs += res.seconds
         q = quality(torch.cat(images).numpy(), ref)
         total, steps = sum(int(a.sum()) for a in acc), sum(len(a) for a in acc)
-        rows.append({"method": name, "k": k, "epsilon": eps, **_q(q),
+        rows.append({"method": name, "k": k, "epsilon": eps, "temperature": temp, **_q(q),
                      "mean_accepted": total / steps, "model_calls_per_image": calls / len(lr),
                      "seconds": secs})
     click.echo(f"{len(lr)} faces from {data}")
@@ -345,14 +372,20 @@ def _q(q: dict) -> dict:
 @click.option("--k", "ks", default="2,4,6,8,10", show_default=True)
 @click.option("--epsilon", "epsilons", default="0,2", show_default=True)
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="For the throughput table.")
+@click.option("--temperatures", default="0.8,0.9,1.0", show_default=True,
+              help="Exact sampling: plain against blockwise (k from --sampling-k); '' to skip.")
+@click.option("--sampling-k", default="4,10", show_default=True)
 @click.option("--step-costs/--no-step-costs", default=True, show_default=True,
               help="Also time one decoding step over k tokens against a greedy step.")
+@click.option("--step-repeats", type=int, default=300, show_default=True,
+              help="Timed repetitions of each step (median).")
 @click.option("--checkpoint", type=click.Path(), default=None)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="benchmark",
               show_default=True, help="Folder for benchmark.json, table.md and plots.png.")
 @click.option("-q", "--quiet", is_flag=True)
 @one_line_errors
-def benchmark_command(data, limit, ks, epsilons, batch_sizes, step_costs, checkpoint, out_dir, quiet):
+def benchmark_command(data, limit, ks, epsilons, batch_sizes, temperatures, sampling_k, step_costs,
+                      step_repeats, checkpoint, out_dir, quiet):
     """Reproduce the paper's Table 2 on this machine: mean accepted block size, model calls,
     seconds per image at batch 1 and speed-up over cached greedy decoding (timed in the same
     run), PSNR / SSIM; then throughput at larger batches. Writes JSON, Markdown and a plot."""
@@ -369,7 +402,7 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, step_costs, checkp
                                 "torch": torch.__version__, "threads": torch.get_num_threads()},
                     "checkpoint": checkpoint or "shipped default", "model_config": model.cfg.to_dict()}
     if step_costs:
-        costs = bench.step_costs(model, range(1, model.cfg.k + 1))
+        costs = bench.step_costs(model, range(1, model.cfg.k + 1), repeats=step_repeats)
         result["step_costs"] = costs
         if not quiet:
             click.echo("step cost over k tokens / greedy step: " + ", ".join(
@@ -379,6 +412,9 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, step_costs, checkp
     result["table"] = bench.table(model, hr[:limit], _parse_ints(ks), _parse_ints(epsilons),
                                   progress=lambda s: bar.set_postfix_str(s) or bar.update(1))
     bar.close()
+    temps = [float(t) for t in temperatures.split(",") if t.strip()]
+    if temps:
+        result["sampling"] = bench.sampling_table(model, hr[:limit], temps, _parse_ints(sampling_k))
     result["throughput"] = bench.throughput(model, hr, _parse_ints(batch_sizes))
     out = Path(out_dir)
     _write_json(str(out / "benchmark.json"), result)
@@ -386,6 +422,12 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, step_costs, checkp
     thr = "\n".join(f"| {r['batch_size']} | {r['k']} | {r['epsilon']} | {r['images_per_second']:.3f} "
                     f"| {r['mean_accepted']:.2f} |" for r in result["throughput"])
     md += ("\n\n| batch | k | epsilon | images/s | mean block |\n|---|---|---|---|---|\n" + thr + "\n")
+    if temps:
+        md += ("\n| temperature | k | mean block | s/image | speed-up over plain sampling | PSNR | SSIM |\n"
+               "|---|---|---|---|---|---|---|\n" + "\n".join(
+                   f"| {r['temperature']} | {r['k'] if r['k'] > 1 else '1 (plain)'} | {r['mean_accepted']:.2f} | "
+                   f"{r['seconds_per_image']:.2f} | {r['speedup']:.2f}x | {r['psnr']:.2f} | {r['ssim']:.3f} |"
+                   for r in result["sampling"]) + "\n")
     (out / "table.md").write_text(md)
     try:
         bench.plot(result["table"], str(out / "plots.png"))

@@ -17,6 +17,12 @@ proposal of section 4) is a short loop over four named steps:
 
 Every image of a batch advances by its own accepted length; finished images leave the batch.
 Rejected proposals are forgotten by not moving the pointer (see ``bpd_sr.cache``).
+
+Beyond the paper, ``temperature > 0`` turns the same loop into exact sampling from the base
+model's tempered distribution (speculative sampling: Leviathan et al. 2023, arXiv 2211.17192;
+Chen et al. 2023, arXiv 2302.01318): proposal x ~ q (the head's distribution) is kept with
+probability min(1, p(x) / q(x)); at the first rejection a token is drawn from the normalised
+max(0, p - q); when all are kept the next token is drawn from p.
 """
 
 from __future__ import annotations
@@ -64,12 +70,14 @@ class DecodeResult:
         return total / max(1, sum(self.steps))
 
 
-def _prepare(model: ImageTransformer, lr: torch.Tensor):
+def _prepare(model: ImageTransformer, lr: torch.Tensor, n_tokens: int = N_HR_TOKENS):
     if lr.dtype != torch.uint8 or lr.dim() != 4 or tuple(lr.shape[1:]) != (8, 8, 3):
         raise ValueError(f"lr must be a uint8 tensor (B, 8, 8, 3), got {lr.dtype} {tuple(lr.shape)}")
+    if not 1 <= n_tokens <= N_HR_TOKENS:
+        raise ValueError(f"n_tokens must be in 1..{N_HR_TOKENS}")
     device = next(model.parameters()).device
     lr = lr.to(device)
-    return lr, model.encode(lr), model.new_cache(lr.shape[0])
+    return lr, model.encode(lr), model.new_cache(lr.shape[0], max_len=n_tokens + model.cfg.k + 1)
 
 
 def _result(tokens, step_of, acc, n_steps, calls, t0) -> DecodeResult:
@@ -83,27 +91,49 @@ def _result(tokens, step_of, acc, n_steps, calls, t0) -> DecodeResult:
     )
 
 
-@torch.inference_mode()
-def greedy_decode(model: ImageTransformer, lr: torch.Tensor) -> DecodeResult:
-    """The reference: one token per decoder call, with the key/value cache.
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One sample from each distribution: probs (..., 256) -> long (...)."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
-    lr: uint8 (B, 8, 8, 3). Model calls = 3072.
+
+@torch.inference_mode()
+def sample_decode(
+    model: ImageTransformer, lr: torch.Tensor, temperature: float = 1.0,
+    generator: torch.Generator | None = None, n_tokens: int = N_HR_TOKENS,
+) -> DecodeResult:
+    """Ancestral sampling from the base model at a temperature, one token per decoder call.
+
+    The reference for sampling; temperature 0 is greedy decoding. lr: uint8 (B, 8, 8, 3).
+    n_tokens: decode only the first n tokens (the rest stay 0; for tests).
     """
     t0 = time.perf_counter()
-    lr, ctx, cache = _prepare(model, lr)
+    lr, ctx, cache = _prepare(model, lr, n_tokens)
     b, dev = lr.shape[0], lr.device
     rows = torch.arange(b, device=dev)
     tokens = torch.zeros(b, N_HR_TOKENS, dtype=torch.long, device=dev)
     inputs = torch.full((b, 1), BOS, dtype=torch.long, device=dev)
-    for p in range(N_HR_TOKENS):
+    for p in range(n_tokens):
         pos = torch.full((b, 1), p, dtype=torch.long, device=dev)
         h = model.decoder_hidden(ctx, inputs, pos, cache, rows)
-        nxt = model.logits(ctx, h, pos, 1)[:, 0, 0].argmax(-1)  # (B,)
+        logits = model.logits(ctx, h, pos, 1)[:, 0, 0]  # (B, 256)
+        if temperature > 0:
+            nxt = _draw(torch.softmax(logits.double() / temperature, -1), generator)
+        else:
+            nxt = logits.argmax(-1)
         tokens[:, p] = nxt
         inputs = previous_token_inputs(nxt[:, None], pos + 1)
     step_of = torch.arange(N_HR_TOKENS, device=dev).expand(b, -1)
     acc = torch.ones(b, N_HR_TOKENS, dtype=torch.long)
-    return _result(tokens, step_of, acc, [N_HR_TOKENS] * b, N_HR_TOKENS, t0)
+    return _result(tokens, step_of, acc, [n_tokens] * b, n_tokens, t0)
+
+
+def greedy_decode(model: ImageTransformer, lr: torch.Tensor, n_tokens: int = N_HR_TOKENS) -> DecodeResult:
+    """The reference: one token per decoder call, with the key/value cache.
+
+    lr: uint8 (B, 8, 8, 3). Model calls = 3072.
+    """
+    return sample_decode(model, lr, temperature=0.0, n_tokens=n_tokens)
 
 
 def acceptance_test(
@@ -121,6 +151,26 @@ def acceptance_test(
     return (proposals - base_logits.argmax(-1)).abs() <= epsilon
 
 
+def speculative_accept(
+    proposals: torch.Tensor, p: torch.Tensor, q: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
+    """The rejection rule of speculative sampling: keep x ~ q with probability min(1, p(x)/q(x)).
+
+    proposals: long (b, m); p, q: (b, m, 256) base and proposal distributions at the same
+    targets; u: uniform (b, m). Returns bool (b, m).
+    """
+    px = p.gather(-1, proposals[..., None])[..., 0]
+    qx = q.gather(-1, proposals[..., None])[..., 0]
+    return u * qx < px  # u < p/q without dividing by a q that underflowed to 0
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p - q)) (..., 256); where p == q to rounding, p itself."""
+    r = (p - q).clamp(min=0)
+    total = r.sum(-1, keepdim=True)
+    return torch.where(total > 1e-12, r / total.clamp(min=1e-300), p)
+
+
 def propose_argmax(rows: torch.Tensor, next_pos: torch.Tensor, slot_logits: torch.Tensor):
     """The paper's proposer: each slot's most likely token. (b, k, 256) -> (b, k)."""
     return slot_logits.argmax(-1)
@@ -135,6 +185,9 @@ def blockwise_parallel_decode(
     top_t: int | None = None,
     min_block: int = 1,
     proposer: Proposer = propose_argmax,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    n_tokens: int = N_HR_TOKENS,
 ) -> DecodeResult:
     """Blockwise parallel decoding of a batch of low-res images.
 
@@ -142,14 +195,20 @@ def blockwise_parallel_decode(
     epsilon / top_t: the acceptance test (``acceptance_test``). min_block: accept at least
     this many tokens per step even if they fail the test (section 5.3).
     With epsilon = 0, top_t = None and min_block = 1 the output equals ``greedy_decode``.
+    temperature > 0: exact sampling at that temperature (speculative sampling; the
+    proposals are drawn from the heads, ``generator`` makes it reproducible).
+    n_tokens: decode only the first n tokens (the rest stay 0; for tests).
     """
     k = model.cfg.k if k is None else k
     if not 1 <= k <= model.cfg.k:
         raise ValueError(f"k must be in 1..{model.cfg.k} for this model, got {k}")
     if not 1 <= min_block <= k:
         raise ValueError(f"min_block must be in 1..k, got {min_block}")
+    sampling = temperature > 0
+    if sampling and (epsilon or top_t is not None or min_block > 1 or proposer is not propose_argmax):
+        raise ValueError("sampling (temperature > 0) uses its own exact acceptance rule")
     t0 = time.perf_counter()
-    lr, ctx_all, cache = _prepare(model, lr)
+    lr, ctx_all, cache = _prepare(model, lr, n_tokens)
     b, dev = lr.shape[0], lr.device
     ar_k = torch.arange(k, device=dev)
     tokens = torch.zeros(b, N_HR_TOKENS + k, dtype=torch.long, device=dev)  # +k: scratch tail
@@ -158,12 +217,23 @@ def blockwise_parallel_decode(
     n_steps = torch.zeros(b, dtype=torch.long, device=dev)
     n = torch.zeros(b, dtype=torch.long, device=dev)  # committed tokens per image
 
+    def propose(rows, n, slot_logits, first=None):
+        """Next k proposals (b, k) and, when sampling, their distributions q (b, k, 256).
+        first: (b,) tokens that replace slot 0 (the residual draws after a rejection)."""
+        if not sampling:
+            return proposer(rows, n, slot_logits), None
+        q = torch.softmax(slot_logits.double() / temperature, -1)
+        props = _draw(q, generator)
+        if first is not None:
+            props[:, 0] = first
+        return props, q
+
     # The first call reads BOS at position 0 and yields the first k proposals.
     rows = torch.arange(b, device=dev)
     ctx: EncoderContext = ctx_all
     pos0 = torch.zeros(b, 1, dtype=torch.long, device=dev)
     h = model.decoder_hidden(ctx, torch.full_like(pos0, BOS), pos0, cache, rows)
-    proposals = proposer(rows, n, model.logits(ctx, h, pos0, k)[:, 0])  # (B, k)
+    proposals, q = propose(rows, n, model.logits(ctx, h, pos0, k)[:, 0])  # (B, k)
     calls = 1
 
     while rows.numel() > 0:
@@ -176,10 +246,15 @@ def blockwise_parallel_decode(
 
         # 3. accept: proposal 0 is the base's own token; proposal j >= 1 is tested against
         #    the base prediction made after proposal j - 1.
-        ok = acceptance_test(proposals[:, 1:], base[:, :-1], epsilon, top_t)  # (b, k-1)
+        if sampling:
+            p = torch.softmax(base.double() / temperature, -1)
+            u = torch.rand(proposals.shape[0], k - 1, generator=generator, dtype=torch.float64)
+            ok = speculative_accept(proposals[:, 1:], p[:, :-1], q[:, 1:], u.to(dev))
+        else:
+            ok = acceptance_test(proposals[:, 1:], base[:, :-1], epsilon, top_t)  # (b, k-1)
         n_ok = torch.cumprod(ok.long(), dim=-1).sum(-1)  # longest passing prefix
         n_ok = n_ok.clamp(min=min_block - 1, max=k - 1)
-        n_acc = torch.minimum(n_ok + 1, N_HR_TOKENS - n)  # (b,), in 1..k
+        n_acc = torch.minimum(n_ok + 1, n_tokens - n)  # (b,), in 1..k
 
         # 4. commit: write all k (the tail past n_acc is scratch, overwritten next step)
         write_pos = n[:, None] + ar_k
@@ -189,16 +264,24 @@ def blockwise_parallel_decode(
         n_steps[rows] += 1
         n = n + n_acc
 
-        # 1. propose (for the next step): the slots at the last accepted position
-        last = n_acc - 1  # index into this step's k positions
+        # 1. propose (for the next step): the slots at the last accepted position; when
+        #    sampling, a rejected proposal j is replaced by a draw from norm(max(0, p - q))
+        last = n_ok  # index into this step's k positions of the next target's predictor
         sel = torch.arange(rows.numel(), device=dev)
         h_last, pos_last = h[sel, last][:, None], pos[sel, last][:, None]
-        proposals = proposer(rows, n, model.logits(ctx, h_last, pos_last, k)[:, 0])
+        first = None
+        if sampling:
+            rejected = n_ok < k - 1
+            nxt = (n_ok + 1).clamp(max=k - 1)
+            resid = residual_distribution(p[sel, last], q[sel, nxt])
+            first = torch.where(rejected, _draw(resid, generator), _draw(p[sel, last], generator))
+        proposals, q = propose(rows, n, model.logits(ctx, h_last, pos_last, k)[:, 0], first)
 
         # finished images leave the batch: they cost nothing more
-        live = n < N_HR_TOKENS
+        live = n < n_tokens
         if not bool(live.all()):
             rows, n, proposals = rows[live], n[live], proposals[live]
+            q = q[live] if q is not None else None
             ctx = ctx_all.select(rows)
 
     return _result(tokens, step_of, acc, n_steps.tolist(), calls, t0)

@@ -396,10 +396,10 @@ class ImageTransformer(nn.Module):
         pos = torch.arange(targets.shape[1], device=targets.device).expand(targets.shape[0], -1)
         return self.logits(ctx, h, pos, self.cfg.k), ctx.cond_logits[:, :N_HR_TOKENS]
 
-    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
-        """A cache for ``batch`` images: 3072 positions plus room for k of look-ahead."""
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """A cache for ``batch`` images: by default 3072 positions plus k + 1 of look-ahead."""
         p = next(self.parameters())
         return KVCache(
-            self.cfg.n_dec_layer, batch, N_HR_TOKENS + self.cfg.k + 1, self.cfg.d_model,
+            self.cfg.n_dec_layer, batch, max_len or N_HR_TOKENS + self.cfg.k + 1, self.cfg.d_model,
             dtype or p.dtype, p.device,
         )

@@ -180,6 +180,7 @@ def test_benchmark_writes_json_table_and_plot(tmp_path, tiny_ckpt):
     npz = tmp_path / "faces.npz"
     np.savez(npz, images=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
     res = run("benchmark", "--data", npz, "--limit", "1", "--k", "2,4", "--batch-sizes", "1,2",
+              "--temperatures", "0.9", "--sampling-k", "2", "--step-repeats", "5",
               "--checkpoint", tiny_ckpt, "--out", tmp_path / "b", "-q")
     assert res.exit_code == 0, res.output
     result = json.loads((tmp_path / "b" / "benchmark.json").read_text())
@@ -189,6 +190,7 @@ def test_benchmark_writes_json_table_and_plot(tmp_path, tiny_ckpt):
     assert result["table"]["rows"][0]["speedup"] == pytest.approx(1.0)
     assert {r["batch_size"] for r in result["throughput"]} == {1, 2}
     assert "| 4 |" in (tmp_path / "b" / "table.md").read_text()
+    assert [(r["temperature"], r["k"]) for r in result["sampling"]] == [(0.9, 1), (0.9, 2)]
     assert (tmp_path / "b" / "plots.png").stat().st_size > 1000
 
 
@@ -200,3 +202,17 @@ def test_export_makes_a_small_loadable_copy(tmp_path, tiny_ckpt):
     ck = load_checkpoint(tmp_path / "small.pt")
     assert next(iter(ck["model"].values())).dtype == torch.bfloat16
     assert model_from_checkpoint(tmp_path / "small.pt").cfg.k == 4
+
+
+def test_upscale_samples_at_a_temperature(tmp_path, tiny_ckpt):
+    src = face(tmp_path / "a.png")
+    args = ("upscale", src, "-o", tmp_path / "o", "--checkpoint", tiny_ckpt, "--temperature", "0.9",
+            "--samples", "2", "--seed", "3", "--compare", "-q")
+    assert run(*args).exit_code == 0
+    s0 = np.asarray(Image.open(tmp_path / "o" / "a_x4_s0.png"))
+    s1 = np.asarray(Image.open(tmp_path / "o" / "a_x4_s1.png"))
+    assert not np.array_equal(s0, s1)  # two different samples
+    strip = Image.open(tmp_path / "o" / "a_x4_compare.png")
+    assert strip.size[0] > 3 * strip.size[1]  # input | bicubic | sample 0 | sample 1
+    assert run(*args).exit_code == 0  # the same seed gives the same samples
+    assert np.array_equal(s0, np.asarray(Image.open(tmp_path / "o" / "a_x4_s0.png")))
