@@ -103,8 +103,7 @@ ax.legend();""")
 md("## Mean accepted block size against k")
 code("""ks = [2, 4, 6, 8, 10]
 one = lr[:1]
-rows = {eps: [blockwise_parallel_decode(model, one, k=k, epsilon=eps).mean_accepted for k in ks]
-        for eps in (0, 2)}
+rows = {2: [blockwise_parallel_decode(model, one, k=k, epsilon=2).mean_accepted for k in ks]}
 fig, ax = plt.subplots(figsize=(5, 3))
 for eps, vals in rows.items():
     ax.plot(ks, vals, "o-", label=f"epsilon = {eps}")
@@ -113,6 +112,27 @@ ax.set(xlabel="k", ylabel="mean accepted block size")
 ax.legend()
 ax.grid(alpha=0.3)
 print({eps: [round(v, 2) for v in vals] for eps, vals in rows.items()})""")
+
+md("""## Sampling at a temperature (beyond the paper)
+
+Greedy super-resolution is smooth; sampling at T = 0.8 to 0.9 gave the Image Transformer its
+most realistic faces. `blockwise_parallel_decode(..., temperature=T)` samples *exactly* from the
+base model's tempered distribution, with the heads' proposals kept by the speculative-sampling
+rule. Several samples of one face, and where blocks were accepted under sampling beside greedy.""")
+code("""T = 0.9
+samples = [blockwise_parallel_decode(model, lr[:1], k=K, temperature=T,
+                                     generator=torch.Generator().manual_seed(s)) for s in range(3)]
+fig, axes = plt.subplots(1, 6, figsize=(12, 2.4))
+panels = [("greedy", greedy.images[0])] + [(f"sample {s}", r.images[0]) for s, r in enumerate(samples)]
+for ax, (name, img) in zip(axes[:4], panels, strict=True):
+    ax.imshow(img.numpy(), interpolation="nearest")
+    ax.set_title(name, fontsize=9)
+for ax, (name, r) in zip(axes[4:], [("greedy eps=2", approx), (f"sample T={T}", samples[0])], strict=True):
+    ax.imshow(accepted_length_map(r.accepted[0], r.step_index[0]), vmin=1, vmax=K, cmap="viridis")
+    ax.set_title(f"{name}: block", fontsize=9)
+for ax in axes:
+    ax.set(xticks=[], yticks=[])
+print("mean accepted block under sampling:", [round(r.mean_accepted, 2) for r in samples])""")
 
 nb["cells"] = cells
 nb["metadata"]["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
