@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
-from .config import N_HR_TOKENS
 from .decoding import DecodeResult, blockwise_parallel_decode, greedy_decode
 from .metrics import quality, upscale_bicubic, upscale_lanczos
 from .model import ImageTransformer
@@ -258,4 +257,4 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["N_HR_TOKENS", "markdown_table", "plot", "step_costs", "table", "throughput"]
+__all__ = ["markdown_table", "plot", "sampling_table", "step_costs", "table", "throughput"]

@@ -122,7 +122,6 @@ class TrainConfig:
     ckpt_minutes: float = 5.0
     amp: str = "auto"  # auto | bf16 | fp32
     seed: int = 0
-    num_workers: int = 0
     out: str = "runs/default"
     distill_cache: str = ""
     model_overrides: dict[str, Any] = field(default_factory=dict)
