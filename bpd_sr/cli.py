@@ -266,19 +266,6 @@ def _parse_ints(text: str) -> list[int]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _load_faces(data: str, limit: int | None):
-    import torch
-
-    from .data import open_faces
-
-    ds = open_faces(data, split="test")
-    n = len(ds) if limit is None else min(limit, len(ds))
-    images = getattr(ds, "images", None)
-    if images is not None:
-        return torch.as_tensor(images[:n])
-    return torch.stack([torch.as_tensor(ds[i]) for i in range(n)])
-
-
 def _write_json(path: str, obj) -> None:
     import json
     import os
@@ -316,11 +303,12 @@ def evaluate_command(data, ks, epsilons, limit, temperatures, seed, batch_size, 
     import torch
     from tqdm import tqdm
 
+    from .data import load_faces
     from .decoding import blockwise_parallel_decode, sample_decode
     from .metrics import quality, upscale_bicubic, upscale_lanczos
     from .tokens import downsample
 
-    hr = _load_faces(data, limit)
+    hr = load_faces(data, split="test", limit=limit)
     model = _load_model(checkpoint, pick_device(device))
     lr = downsample(hr)
     ref = hr.numpy()
@@ -396,6 +384,7 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, temperatures, samp
     from tqdm import tqdm
 
     from . import bench
+    from .data import load_faces
 
     model = _load_model(checkpoint, "cpu")
     result: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -407,7 +396,7 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, temperatures, samp
         if not quiet:
             click.echo("step cost over k tokens / greedy step: " + ", ".join(
                 f"k={k}: {c['ratio_to_greedy_step']:.2f}" for k, c in costs.items()))
-    hr = _load_faces(data, max(limit, max(_parse_ints(batch_sizes))))
+    hr = load_faces(data, split="test", limit=max(limit, max(_parse_ints(batch_sizes))))
     bar = tqdm(disable=quiet, desc="table")
     result["table"] = bench.table(model, hr[:limit], _parse_ints(ks), _parse_ints(epsilons),
                                   progress=lambda s: bar.set_postfix_str(s) or bar.update(1))

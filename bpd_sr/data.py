@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from .config import CHANNELS, HR_SIZE
 
@@ -388,6 +389,21 @@ def open_faces(
 # --------------------------------------------------------------------------- preparation
 
 
+def load_faces(
+    path: str | Path, split: str = "train", limit: int | None = None, progress: bool = False
+) -> torch.Tensor:
+    """The first ``limit`` faces (all by default) of a dataset as one uint8 tensor
+    (N, 32, 32, 3): small enough to hold in memory (200k CelebA faces are 600 MB), so that
+    training batches and evaluation sets are free to assemble."""
+    ds = open_faces(path, split=split)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    images = getattr(ds, "images", None)
+    if images is not None:
+        return torch.as_tensor(np.ascontiguousarray(images[:n]))
+    items = [ds[i] for i in tqdm(range(n), desc="loading faces", disable=not progress)]
+    return torch.stack([torch.as_tensor(np.asarray(x)) for x in items])
+
+
 def _write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     """np.savez_compressed to a temporary file in the same folder, then os.replace."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -415,7 +431,6 @@ def prepare_celeba(
     exactly this split; a folder holding other npz files is refused (keep one folder per
     split, since ``NpzFaces`` concatenates every shard in a folder). Returns the shard paths.
     """
-    from tqdm.auto import tqdm
 
     if shard_size < 1:
         raise DataError(f"shard_size must be at least 1, got {shard_size}")

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import N_HR_TOKENS, ModelConfig, TrainConfig
+from .data import load_faces
 from .model import ImageTransformer
 from .pretrained import CheckpointError, load_checkpoint, save_checkpoint
 from .tokens import downsample, image_to_tokens
@@ -65,19 +66,6 @@ def _dist_setup() -> tuple[int, int, torch.device]:
 
 
 # ---- data ---------------------------------------------------------------------------
-def load_images(path: str, progress: bool = True) -> torch.Tensor:
-    """All faces of a dataset as one uint8 tensor (N, 32, 32, 3): small enough to hold in
-    memory (200k CelebA faces are 600 MB), and batches are then free to assemble."""
-    from .data import open_faces
-
-    ds = open_faces(path)
-    if hasattr(ds, "images"):
-        arr = ds.images
-        return torch.as_tensor(np.ascontiguousarray(arr))
-    items = [ds[i] for i in tqdm(range(len(ds)), desc="loading faces", disable=not progress)]
-    return torch.stack([torch.as_tensor(np.asarray(x)) for x in items])
-
-
 def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1):
     """The images of one rank's batch at ``step``: an epoch-wise permutation seeded by
     (seed, epoch), so any step's batch can be recomputed after a restart. long (batch_size,)."""
@@ -246,7 +234,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                       max_minutes=max(cfg.max_minutes, saved.max_minutes))
     torch.manual_seed(cfg.seed + rank)
 
-    images = load_images(cfg.data, progress=progress and rank == 0)
+    images = load_faces(cfg.data, progress=progress and rank == 0)
     n_val = int(len(images) * cfg.val_fraction) if cfg.val_fraction > 0 else 0
     g = torch.Generator().manual_seed(cfg.seed)
     perm = torch.randperm(len(images), generator=g)
