@@ -98,6 +98,42 @@ def train_command(resume: bool, quiet: bool, **kwargs) -> None:
 main.add_command(train_command)
 
 
+@main.command("fit-heads")
+@click.option("--data", required=True, help="Training faces (npz, shards, image folder or CelebA root).")
+@click.option("--init", required=True, help="Checkpoint whose base model is kept frozen.")
+@click.option("--out", default="runs/heads", show_default=True,
+              help="Run folder: decodes.npz (resumable), log.jsonl, heads.pt.")
+@click.option("--k", type=int, default=0, show_default=True,
+              help="Proposal slots (0: as many as --init has; other values start new heads).")
+@click.option("--n-faces", type=int, default=2048, show_default=True,
+              help="Training faces to decode greedily (the slow part on a CPU: ~0.7 faces/s).")
+@click.option("--n-val", type=int, default=64, show_default=True,
+              help="Of those, held out to measure the heads' agreement with greedy decoding.")
+@click.option("--decode-batch", type=int, default=128, show_default=True)
+@click.option("--steps", type=int, default=2000, show_default=True)
+@click.option("--batch-images", type=int, default=16, show_default=True)
+@click.option("--positions", type=int, default=1024, show_default=True,
+              help="Random positions per image per step.")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--warmup-steps", type=int, default=50, show_default=True)
+@click.option("--eval-every", type=int, default=250, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@one_line_errors
+def fit_heads_command(quiet: bool, **kwargs) -> None:
+    """Distill the proposal heads from the base model's own greedy decodes.
+
+    The base stays frozen, so its decoder states along each decode are computed once and
+    the heads train on them for many epochs (bpd_sr.headfit). A killed run keeps its
+    decodes: run the same command again to continue from them.
+    """
+    from .config import HeadFitConfig
+    from .headfit import run
+
+    path = run(HeadFitConfig(**kwargs), progress=not quiet)
+    click.echo(f"checkpoint: {path}")
+
+
 @main.command("prepare-celeba")
 @click.argument("root", type=click.Path())
 @click.argument("out_dir", type=click.Path())

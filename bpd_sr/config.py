@@ -134,6 +134,34 @@ class TrainConfig:
         return _from_dict(cls, d)
 
 
+@dataclass
+class HeadFitConfig:
+    """Fitting the proposal heads of a frozen base to its own greedy decodes
+    (``bpd_sr.headfit``). Saved in the checkpoint it produces."""
+
+    data: str = ""
+    init: str = ""  # the base (or base + heads) checkpoint; its base is kept frozen
+    k: int = 0  # proposal slots; 0 = as many as ``init`` has
+    n_faces: int = 2048  # training faces to decode (a random subset of data)
+    n_val: int = 64  # of which held out to measure agreement
+    decode_batch: int = 128
+    steps: int = 2000
+    batch_images: int = 16
+    positions: int = 1024  # random positions per image per step
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    eval_every: int = 250
+    seed: int = 0
+    out: str = "runs/heads"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HeadFitConfig:
+        return _from_dict(cls, d)
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """How to decode: greedy when ``k == 1`` and no temperature, otherwise blockwise."""

@@ -404,7 +404,7 @@ def load_faces(
     return torch.stack([torch.as_tensor(np.asarray(x)) for x in items])
 
 
-def _write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+def write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     """np.savez_compressed to a temporary file in the same folder, then os.replace."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -463,7 +463,7 @@ def prepare_celeba(
                 bar.update(1)
             ids = np.asarray(dataset.celeba_ids[start:stop], dtype=np.int32)
             path = out / f"{prefix}{shard:03d}.npz"
-            _write_npz_atomic(path, images=images, celeba_id=ids)
+            write_npz_atomic(path, images=images, celeba_id=ids)
             written.append(path)
     keep = set(written)
     for stale in out.glob(f"{prefix}*.npz"):

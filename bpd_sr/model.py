@@ -321,17 +321,23 @@ class ImageTransformer(nn.Module):
             x = layer(x)
         memory = self.enc_ln(x)
         cross_kv = [layer.cross_attn.memory_kv(memory) for layer in self.dec_layers]
-        if self.cond is not None:
-            cond = self.cond(lr)  # (B, 3072, 256)
-        else:
-            cond = memory.new_zeros(b, N_HR_TOKENS, N_INTENSITIES)
-        cond = F.pad(cond, (0, 0, 0, self.cfg.k))  # (B, 3072 + k, 256)
+        cond = self.conditioning_logits(lr).to(memory.dtype)
         dec_pos = (self.row_emb(self.pos_row) + self.col_emb(self.pos_col)
                    + self.chan_emb(self.pos_chan)).expand(b, -1, -1)  # (B, 3072, d)
         if self.lr_emb is not None:
             lr_under = lr_tokens[:, self.pos_lr_index]  # (B, 3072): low-res intensity under p
             dec_pos = dec_pos + self.lr_emb(channel_offset(lr_under))
         return EncoderContext(cross_kv=cross_kv, cond_logits=cond, dec_pos=dec_pos)
+
+    def conditioning_logits(self, lr: torch.Tensor) -> torch.Tensor:
+        """lr: uint8 (B, 8, 8, 3) -> (B, 3072 + k, 256): the conditioning net's logits for
+        every target, zero-padded past the end so that slot i at position p can read p + i."""
+        b = lr.shape[0]
+        if self.cond is not None:
+            cond = self.cond(lr)  # (B, 3072, 256)
+        else:
+            cond = self.out_proj.weight.new_zeros(b, N_HR_TOKENS, N_INTENSITIES)
+        return F.pad(cond, (0, 0, 0, self.cfg.k))
 
     # ---- decoder -------------------------------------------------------------------
     def decoder_hidden(
