@@ -220,15 +220,29 @@ def build_model(cfg: TrainConfig) -> ImageTransformer:
     return model
 
 
-def _lr_at(cfg: TrainConfig, step: int, seconds: float) -> float:
+def schedule_progress(cfg: TrainConfig, step: int, seconds: float,
+                      anchor: tuple[float, int, float] = (0.0, 0, 0.0)) -> float:
+    """How far the run is through its decay, 0..1: the larger of the step and time fractions.
+
+    anchor (progress, step, seconds): where the budget was last extended. A resumed run
+    whose budget grew continues its decay from there over the rest of the new budget,
+    instead of jumping back to an earlier point of the cosine (which re-warms the learning
+    rate and, measured on the default's fine-tuning, made the loss diverge).
+    """
+    p0, s0, t0 = anchor
+    frac = (step - s0) / max(1, cfg.max_steps - s0)
+    if cfg.max_minutes > 0:
+        frac = max(frac, (seconds - t0) / max(1e-9, 60 * cfg.max_minutes - t0))
+    return min(1.0, p0 + (1 - p0) * max(0.0, frac))
+
+
+def _lr_at(cfg: TrainConfig, step: int, seconds: float,
+           anchor: tuple[float, int, float] = (0.0, 0, 0.0)) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio over the run. A time-limited run
     measures its progress in time, so the schedule fits whatever the hardware manages."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = step / max(1, cfg.max_steps)
-    if cfg.max_minutes > 0:
-        progress = max(progress, seconds / (60 * cfg.max_minutes))
-    progress = min(1.0, progress)
+    progress = schedule_progress(cfg, step, seconds, anchor)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -238,12 +252,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     out = Path(cfg.out)
     last = out / "last.pt"
     state = None
+    anchor: tuple[float, int, float] = (0.0, 0, 0.0)
     if resume and last.exists():
         state = load_checkpoint(last)
         saved = TrainConfig.from_dict(state["train_config"])
+        anchor = tuple(state.get("schedule_anchor", anchor))
         # the run continues as it was configured; only the budget may be extended
         cfg = replace(saved, max_steps=max(cfg.max_steps, saved.max_steps),
                       max_minutes=max(cfg.max_minutes, saved.max_minutes))
+        if (cfg.max_steps, cfg.max_minutes) != (saved.max_steps, saved.max_minutes):
+            anchor = (schedule_progress(saved, state["step"], state["train_seconds"], anchor),
+                      state["step"], state["train_seconds"])
     torch.manual_seed(cfg.seed + rank)
 
     images = load_faces(cfg.data, progress=progress and rank == 0)
@@ -296,7 +315,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             return
         save_checkpoint(path, model, cfg, extra={
             "optimizer": opt.state_dict(), "step": step, "train_seconds": seconds, "log": log,
-            "rng": {"torch": torch.get_rng_state()},
+            "rng": {"torch": torch.get_rng_state()}, "schedule_anchor": list(anchor),
         })
 
     def out_of_budget() -> bool:
@@ -312,7 +331,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         idx = batch_indices(len(train_images), cfg.batch_size, step, cfg.seed, rank, world)
         lr_img, targets = make_batch(train_images, idx, step, cfg.seed, cfg.flip)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(cfg, step, seconds)
+            group["lr"] = _lr_at(cfg, step, seconds, anchor)
         head_slot = None  # like the batch, the random head is a function of (seed, step)
         if cfg.random_head and cfg.k > 1:
             head_slot = int(np.random.default_rng([cfg.seed, step]).integers(1, cfg.k))
@@ -335,7 +354,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         bar.set_postfix(loss=f"{loss.item():.3f}", bpd=f"{stats['bpd']:.3f}",
                         img_s=f"{cfg.batch_size * world / dt:.0f}")
         if rank == 0 and (step % cfg.eval_every == 0 or out_of_budget()):
-            entry = {"step": step, "train_seconds": round(seconds, 1), "world_size": world, **stats,
+            entry = {"step": step, "train_seconds": round(seconds, 1), "world_size": world,
+                     "lr": opt.param_groups[0]["lr"], **stats,
                      "images_per_s": round(cfg.batch_size * world / dt, 1)}
             if len(val_images):
                 entry.update(evaluate_heads(model, val_images[:256].to(device), cfg.batch_size, amp))

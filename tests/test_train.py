@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 
 from bpd_sr.config import TrainConfig
 from bpd_sr.pretrained import load_checkpoint, load_pretrained
-from bpd_sr.train import TrainError, batch_indices, train
+from bpd_sr.train import TrainError, _lr_at, batch_indices, schedule_progress, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,6 +106,25 @@ def test_resume_after_kill_continues_exactly(faces, tmp_path):
     assert b["step"] == 8
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+
+
+def test_extending_a_finished_run_keeps_decaying_the_learning_rate(faces, tmp_path):
+    """Resuming with a larger budget must not re-warm the cosine schedule."""
+    first = train(cfg(faces, tmp_path, max_steps=6, eval_every=1), progress=False)
+    lrs = [e["lr"] for e in load_checkpoint(first)["log"]]
+    train(cfg(faces, tmp_path, max_steps=12, eval_every=1), resume=True, progress=False)
+    log = load_checkpoint(tmp_path / "last.pt")["log"]
+    assert [e["step"] for e in log] == list(range(1, 13))
+    extended = [e["lr"] for e in log[6:]]
+    assert all(b <= a + 1e-12 for a, b in zip([lrs[-1], *extended], extended, strict=False))
+    # a partial run extended mid-way continues from the rate it had reached
+    mid = TrainConfig(max_steps=10, warmup_steps=1, lr=1.0, min_lr_ratio=0.0)
+    p = schedule_progress(mid, 5, 0.0)
+    anchor = (p, 5, 0.0)
+    longer = replace(mid, max_steps=20)
+    assert _lr_at(longer, 5, 0.0, anchor) == pytest.approx(_lr_at(mid, 5, 0.0))
+    assert _lr_at(longer, 20, 0.0, anchor) == pytest.approx(0.0, abs=1e-12)
+    assert _lr_at(longer, 5, 0.0) > _lr_at(mid, 5, 0.0)  # what re-warming would have done
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
