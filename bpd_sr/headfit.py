@@ -110,6 +110,8 @@ def head_agreement(model: ImageTransformer, data: DecodeStates, epsilon: int = 2
     Returns per-slot exact agreement and agreement within epsilon, and ``exact_block``:
     the mean accepted block size of blockwise decoding with exact acceptance and k =
     model.cfg.k on these inputs (each step accepts 1 + the leading slots that agree).
+    Also how decided the base itself is along its decodes: the mean probability of its
+    argmax (``base_top1_prob``) and of the tokens within epsilon of it (``base_mass_eps``).
     """
     model.eval()
     k = model.cfg.k
@@ -117,10 +119,17 @@ def head_agreement(model: ImageTransformer, data: DecodeStates, epsilon: int = 2
     near = torch.zeros(k)
     total = torch.zeros(k)
     steps = 0
+    top1 = mass = 0.0
     for s in range(0, len(data), batch_size):
         idx = torch.arange(s, min(s + batch_size, len(data)))
         pos = torch.arange(N_HR_TOKENS).expand(len(idx), -1)
-        pred = _slot_logits(model, data, idx, pos, k).argmax(-1)  # (b, 3072, k)
+        logits = _slot_logits(model, data, idx, pos, k)  # (b, 3072, k, 256)
+        pred = logits.argmax(-1)  # (b, 3072, k)
+        probs = logits[:, :, 0].double().softmax(-1)
+        levels = torch.arange(probs.shape[-1])
+        near_top = (levels - pred[:, :, :1]).abs() <= epsilon  # (b, 3072, 256)
+        top1 += probs.amax(-1).sum().item()
+        mass += (probs * near_top).sum().item()
         tgt, valid = _targets(data, idx, pos, k)
         hit = (pred == tgt) & valid
         exact += hit.sum((0, 1)).float()
@@ -137,6 +146,8 @@ def head_agreement(model: ImageTransformer, data: DecodeStates, epsilon: int = 2
         "agree_exact": [round(float(x), 4) for x in exact / total],
         f"agree_eps{epsilon}": [round(float(x), 4) for x in near / total],
         "exact_block": round(len(data) * N_HR_TOKENS / max(1, steps), 4),
+        "base_top1_prob": round(top1 / (len(data) * N_HR_TOKENS), 4),
+        f"base_mass_eps{epsilon}": round(mass / (len(data) * N_HR_TOKENS), 4),
     }
 
 

@@ -173,6 +173,14 @@ def test_evaluate_writes_json(tmp_path, tiny_ckpt):
     exact = rows[3]
     assert exact["psnr"] == pytest.approx(rows[2]["psnr"])  # exact acceptance == greedy
     assert 1.0 <= exact["mean_accepted"] <= 2.0
+    # collapse, measured per image against bicubic upscaling of the same input
+    assert rows[0]["share_below_bicubic"] == 0.0
+    for r in rows:
+        assert len(r["psnr_per_image"]) == 3
+        assert r["psnr_min"] == pytest.approx(min(r["psnr_per_image"]), abs=1e-3)
+    bic = rows[0]["psnr_per_image"]
+    below = np.mean([g < b for g, b in zip(rows[2]["psnr_per_image"], bic, strict=True)])
+    assert rows[2]["share_below_bicubic"] == pytest.approx(below)
 
 
 def test_benchmark_writes_json_table_and_plot(tmp_path, tiny_ckpt):
