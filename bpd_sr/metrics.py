@@ -25,7 +25,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -48,6 +47,8 @@ def _check_pair(pred: np.ndarray, ref: np.ndarray) -> None:
 
 def psnr(pred: ArrayLike, ref: ArrayLike) -> float:
     """PSNR in dB of uint8 (H, W, 3) ``pred`` against ``ref``; inf when identical."""
+    from skimage.metrics import peak_signal_noise_ratio  # imported here: scipy costs ~0.8 s
+
     pred, ref = _numpy(pred), _numpy(ref)
     _check_pair(pred, ref)
     # skimage divides by an MSE of 0 for identical images: inf is the right answer, the
@@ -58,6 +59,8 @@ def psnr(pred: ArrayLike, ref: ArrayLike) -> float:
 
 def ssim(pred: ArrayLike, ref: ArrayLike) -> float:
     """SSIM of uint8 (H, W, 3) ``pred`` against ``ref`` (1.0 when identical)."""
+    from skimage.metrics import structural_similarity  # imported here: scipy costs ~0.8 s
+
     pred, ref = _numpy(pred), _numpy(ref)
     _check_pair(pred, ref)
     return float(
