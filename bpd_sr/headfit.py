@@ -23,18 +23,19 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import N_HR_TOKENS, HeadFitConfig, ModelConfig
+from .config import N_HR_TOKENS, HeadFitConfig
 from .data import load_faces
 from .model import EncoderContext, ImageTransformer
-from .pretrained import CheckpointError
+from .pretrained import save_checkpoint, warm_start
 from .tokens import downsample, image_to_tokens, shift_right
+from .train import TrainError, distill_targets
 
 
 @dataclass
@@ -175,7 +176,7 @@ def fit_heads(
     k = model.cfg.k
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("heads."))
-    params = [p for p in model.heads.parameters()]
+    params = list(model.heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
     history: list[dict] = []
@@ -220,23 +221,11 @@ def run(cfg: HeadFitConfig, progress: bool = True) -> Path:
     them greedily with the frozen base (cached in ``out/decodes.npz``, saved batch by batch),
     compute the decoder states, fit the heads, and write ``out/heads.pt`` (atomically).
     Returns the checkpoint's path."""
-    from .pretrained import load_checkpoint, save_checkpoint
-    from .train import TrainError, distill_targets
-
     if cfg.n_faces <= cfg.n_val or cfg.n_val < 0:
         raise TrainError(f"need more faces ({cfg.n_faces}) than held-out faces ({cfg.n_val})")
-    ckpt = load_checkpoint(cfg.init)
-    model_cfg = ModelConfig.from_dict(ckpt["model_config"])
-    k = cfg.k or model_cfg.k
-    if k < 2:
-        raise TrainError(f"{cfg.init} has k = {model_cfg.k}: give --k 2 or more to add heads")
-    model = ImageTransformer(replace(model_cfg, k=k))
-    state = {n: v.float() if v.is_floating_point() else v for n, v in ckpt["model"].items()}
-    if model_cfg.k != k:  # new heads: keep only the base's weights
-        state = {n: v for n, v in state.items() if not n.startswith("heads.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if [m for m in missing if not m.startswith("heads.")] or unexpected:
-        raise CheckpointError(f"{cfg.init}: does not fit this model")
+    model, ckpt = warm_start(cfg.init, cfg.k or None)
+    if model.cfg.k < 2:
+        raise TrainError(f"{cfg.init} has k = 1: give --k 2 or more to add heads")
     model.eval()
 
     faces = load_faces(cfg.data, progress=progress)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,32 @@ def model_from_checkpoint(
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: weights do not match its configuration ({first})") from None
     return model.to(device).eval()
+
+
+def warm_start(
+    path: str | Path, k: int | None = None, **overrides: Any
+) -> tuple[ImageTransformer, dict[str, Any]]:
+    """The model of checkpoint ``path`` with ``k`` proposal slots (default: its own k) and
+    config fields overridden, for further training; also returns the checkpoint.
+
+    The base weights are loaded; the heads too when k is unchanged (other heads start new).
+    """
+    ckpt = load_checkpoint(path)
+    try:
+        saved = ModelConfig.from_dict(ckpt["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: incompatible model configuration ({e})") from None
+    k = saved.k if k is None else k
+    model = ImageTransformer(replace(saved, k=k, **overrides))
+    state = ckpt["model"]
+    if k != saved.k:  # heads of another k have other shapes: keep only the base's weights
+        state = {n: v for n, v in state.items() if not n.startswith("heads.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [m for m in missing if not m.startswith("heads.")]
+    if bad or unexpected:
+        raise CheckpointError(f"{path}: does not fit this model (missing {bad[:3]}, "
+                              f"unexpected {list(unexpected)[:3]})")
+    return model, ckpt
 
 
 def default_weights_path() -> Path:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from .config import N_HR_TOKENS, ModelConfig, TrainConfig
 from .data import load_faces, write_npz_atomic
 from .model import ImageTransformer
-from .pretrained import CheckpointError, load_checkpoint, save_checkpoint
+from .pretrained import load_checkpoint, save_checkpoint, warm_start
 from .tokens import downsample, image_to_tokens
 
 REGIMES = ("base", "regular", "finetune", "distill")
@@ -209,15 +209,7 @@ def build_model(cfg: TrainConfig) -> ImageTransformer:
         raise TrainError(f"regime {cfg.regime!r} needs --init BASE_CHECKPOINT")
     if cfg.k < 2:
         raise TrainError(f"regime {cfg.regime!r} trains proposal heads: use --k 2 or more")
-    ckpt = load_checkpoint(cfg.init)
-    base_cfg = ModelConfig.from_dict(ckpt["model_config"])
-    model = ImageTransformer(replace(base_cfg, k=cfg.k, **cfg.model_overrides))
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    bad = [m for m in missing if not m.startswith("heads.")]
-    if bad or unexpected:
-        raise CheckpointError(f"{cfg.init}: does not fit this model (missing {bad[:3]}, "
-                              f"unexpected {list(unexpected)[:3]})")
-    return model
+    return warm_start(cfg.init, cfg.k, **cfg.model_overrides)[0]
 
 
 def schedule_progress(cfg: TrainConfig, step: int, seconds: float,

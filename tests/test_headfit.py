@@ -92,3 +92,18 @@ def test_fit_heads_command_rejects_a_held_out_set_as_large_as_the_data(tmp_path)
                                        "--n-faces", "4", "--n-val", "4", "--quiet"])
     assert result.exit_code != 0
     assert "held-out" in result.output and "Traceback" not in result.output
+
+
+def test_warm_start_with_another_k_keeps_the_base_and_starts_new_heads(tmp_path):
+    from bpd_sr.pretrained import warm_start
+
+    torch.manual_seed(0)
+    src = ImageTransformer(ModelConfig.preset("tiny", k=4))
+    path = save_checkpoint(tmp_path / "k4.pt", src, dtype=torch.bfloat16)
+    same, _ = warm_start(path)
+    assert same.cfg.k == 4
+    assert torch.equal(same.heads.fc.weight, src.heads.fc.weight.bfloat16().float())
+    other, ckpt = warm_start(path, k=2)
+    assert other.cfg.k == 2 and ckpt["model_config"]["k"] == 4
+    assert torch.equal(other.out_proj.weight, src.out_proj.weight.bfloat16().float())
+    assert other.heads.fc.weight.shape != src.heads.fc.weight.shape
