@@ -55,9 +55,6 @@ class DecodeStates:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def subset(self, idx: torch.Tensor) -> DecodeStates:
-        return DecodeStates(self.lr[idx], self.tokens[idx], self.states[idx])
-
 
 @torch.no_grad()
 def decode_states(
@@ -241,15 +238,13 @@ def run(cfg: HeadFitConfig, progress: bool = True) -> Path:
                           progress=progress)
     val = decode_states(model, lr_in[n_train:], decodes[n_train:], progress=progress) \
         if cfg.n_val else None
-    history: list[dict] = []
-    if val is not None:
-        history.append({"step": 0, **head_agreement(model, val)})
-
     def log(entry: dict) -> None:
         if progress:
             tqdm.write(json.dumps(entry))
 
+    history: list[dict] = []
     if val is not None:
+        history.append({"step": 0, **head_agreement(model, val)})
         log(history[0])
     history += fit_heads(model, train, val, steps=cfg.steps, batch_images=cfg.batch_images,
                          positions=cfg.positions, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
