@@ -4,15 +4,19 @@ blockwise parallel decoding (Stern, Shazeer and Uszkoreit, NeurIPS 2018, arXiv 1
 from .config import DecodeConfig, ModelConfig, TrainConfig
 from .decoding import DecodeResult, blockwise_parallel_decode, greedy_decode, sample_decode
 from .model import ImageTransformer
+from .rules import DEFAULT_RULE, RULES, apply_rule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_RULE",
     "DecodeConfig",
     "DecodeResult",
     "ImageTransformer",
     "ModelConfig",
+    "RULES",
     "TrainConfig",
+    "apply_rule",
     "blockwise_parallel_decode",
     "greedy_decode",
     "load_pretrained",

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from .config import DEFAULT_RULE
 from .decoding import DecodeResult, blockwise_parallel_decode, greedy_decode
 from .metrics import quality, upscale_bicubic, upscale_lanczos
 from .model import ImageTransformer
@@ -74,10 +75,10 @@ def step_costs(model: ImageTransformer, ks: Iterable[int], repeats: int = 300,
     return out
 
 
-def _decode(model, lr, k: int, epsilon: int) -> DecodeResult:
+def _decode(model, lr, k: int, epsilon: int, rule: str = DEFAULT_RULE) -> DecodeResult:
     if k == 1:
-        return greedy_decode(model, lr)
-    return blockwise_parallel_decode(model, lr, k=k, epsilon=epsilon)
+        return greedy_decode(model, lr, rule=rule)
+    return blockwise_parallel_decode(model, lr, k=k, epsilon=epsilon, rule=rule)
 
 
 def table(
@@ -87,8 +88,10 @@ def table(
     epsilons: Iterable[int] = (0, 2),
     warmup: int = 1,
     progress: Callable[[str], None] | None = None,
+    rule: str = DEFAULT_RULE,
 ) -> dict:
-    """Decode every face at batch 1 with greedy and with each (k, epsilon).
+    """Decode every face at batch 1 sequentially and with each (k, epsilon), all with the
+    decoding rule ``rule`` (bpd_sr.rules), which the result records.
 
     hr: uint8 (N, 32, 32, 3) ground truth; the input is its 4x4 area mean.
     Returns {"baselines": ..., "rows": [...]} where each row has k, epsilon, mean_accepted,
@@ -102,8 +105,8 @@ def table(
     baselines = {name: {kk: v for kk, v in quality(fn(lr_np), ref).items() if kk in ("psnr", "ssim")}
                  for name, fn in (("bicubic", upscale_bicubic), ("lanczos", upscale_lanczos))}
     for _ in range(warmup):
-        blockwise_parallel_decode(model, lr[:1], k=min(2, model.cfg.k))
-        greedy_decode(model, lr[:1])
+        blockwise_parallel_decode(model, lr[:1], k=min(2, model.cfg.k), rule=rule)
+        greedy_decode(model, lr[:1], rule=rule)
     configs = [(1, 0)] + [(k, e) for k in ks for e in epsilons if k <= model.cfg.k]
     rows = []
     greedy_images = None
@@ -113,7 +116,7 @@ def table(
             progress(f"k={k} epsilon={eps}")
         secs, images, accepted, calls = [], [], [], 0
         for i in range(n):
-            res = _decode(model, lr[i : i + 1], k, eps)
+            res = _decode(model, lr[i : i + 1], k, eps, rule)
             secs.append(res.seconds)
             images.append(res.images)
             accepted += res.accepted
@@ -135,8 +138,8 @@ def table(
             "identical_to_greedy": same,
         })
     below = np.mean(np.asarray(rows[0]["psnr_per_image"]) < quality(upscale_bicubic(lr_np), ref)["psnr_per_image"])
-    return {"n_images": n, "baselines": baselines, "greedy_share_below_bicubic": float(below),
-            "rows": rows}
+    return {"n_images": n, "rule": rule, "baselines": baselines,
+            "greedy_share_below_bicubic": float(below), "rows": rows}
 
 
 def sampling_table(
@@ -178,6 +181,7 @@ def sampling_table(
 def throughput(
     model: ImageTransformer, hr: torch.Tensor, batch_sizes: Iterable[int] = (1, 8, 32),
     configs: Iterable[tuple[int, int]] = ((1, 0), (4, 2), (8, 2), (10, 2)),
+    rule: str = DEFAULT_RULE,
 ) -> list[dict]:
     """Images per second of one batch decode at each batch size, for greedy (k = 1) and
     blockwise (k, epsilon) configurations. hr: uint8 (N, 32, 32, 3), N >= max batch size."""
@@ -190,8 +194,8 @@ def throughput(
         for k, eps in configs:
             if k > model.cfg.k:
                 continue
-            res = _decode(model, batch, k, eps)
-            out.append({"batch_size": bs, "k": k, "epsilon": eps,
+            res = _decode(model, batch, k, eps, rule)
+            out.append({"batch_size": bs, "k": k, "epsilon": eps, "rule": rule,
                         "images_per_second": bs / res.seconds, "seconds": res.seconds,
                         "mean_accepted": res.mean_accepted, "model_calls": res.model_calls})
     return out
@@ -202,6 +206,8 @@ def markdown_table(result: dict) -> str:
     rows = {(r["k"], r["epsilon"]): r for r in result["rows"]}
     g = rows[(1, 0)]
     lines = [
+        f"Decoding rule: {result.get('rule', 'argmax')}.",
+        "",
         "| k | exact: mean block | exact: speed-up | exact: PSNR | eps=2: mean block "
         "| eps=2: speed-up | eps=2: PSNR / SSIM | paper exact (fine-tune) | paper eps=2 |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -8,7 +8,12 @@ import sys
 
 import click
 
-from .config import MODEL_PRESETS, TrainConfig
+from .config import DEFAULT_RULE, MODEL_PRESETS, TrainConfig
+from .rules import RULES
+
+RULE_HELP = ("Decoding rule: the intensity taken from each 256-way distribution. mean: the "
+             "expected intensity (sharper faces, more accepted tokens per step); argmax: the "
+             "most likely one (the paper's greedy decoding); median.")
 
 
 # Errors that are the user's to fix; anything else is a bug and keeps its traceback.
@@ -118,10 +123,15 @@ main.add_command(train_command)
 @click.option("--warmup-steps", type=int, default=50, show_default=True)
 @click.option("--eval-every", type=int, default=250, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--rule", type=click.Choice(RULES), default=DEFAULT_RULE, show_default=True,
+              help="Decoding rule of the decodes the heads learn (use the rule you decode with).")
+@click.option("--value-loss-weight", type=float, default=0.0, show_default=True,
+              help="With --rule mean: weight of a Huber loss on each head's expected intensity "
+                   "beside the cross-entropy.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
 def fit_heads_command(quiet: bool, **kwargs) -> None:
-    """Distill the proposal heads from the base model's own greedy decodes.
+    """Distill the proposal heads from the base model's own sequential decodes.
 
     The base stays frozen, so its decoder states along each decode are computed once and
     the heads train on them for many epochs (bpd_sr.headfit). A killed run keeps its
@@ -175,7 +185,7 @@ def _load_model(checkpoint: str | None, device: str):
 
 
 def _decode_one(model, lr, greedy: bool, k: int | None, epsilon: int, temperature: float = 0.0,
-                generator=None):
+                generator=None, rule: str = DEFAULT_RULE):
     from .decoding import blockwise_parallel_decode, greedy_decode, sample_decode
 
     if temperature > 0:
@@ -183,8 +193,8 @@ def _decode_one(model, lr, greedy: bool, k: int | None, epsilon: int, temperatur
             return sample_decode(model, lr, temperature, generator)
         return blockwise_parallel_decode(model, lr, k=k, temperature=temperature, generator=generator)
     if greedy:
-        return greedy_decode(model, lr)
-    return blockwise_parallel_decode(model, lr, k=k, epsilon=epsilon)
+        return greedy_decode(model, lr, rule=rule)
+    return blockwise_parallel_decode(model, lr, k=k, epsilon=epsilon, rule=rule)
 
 
 @main.command("upscale")
@@ -197,7 +207,9 @@ def _decode_one(model, lr, greedy: bool, k: int | None, epsilon: int, temperatur
 @click.option("--epsilon", type=int, default=2, show_default=True,
               help="Accept a proposal within this many intensity levels of the base model's "
                    "choice; 0 = exact (output identical to greedy).")
-@click.option("--greedy", is_flag=True, help="Plain greedy decoding, one token per step (slow).")
+@click.option("--greedy", is_flag=True, help="Plain sequential decoding, one token per step (slow).")
+@click.option("--rule", type=click.Choice(RULES), default=DEFAULT_RULE, show_default=True,
+              help=RULE_HELP)
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="A checkpoint to use instead of the shipped weights.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",
@@ -220,7 +232,7 @@ def _decode_one(model, lr, greedy: bool, k: int | None, epsilon: int, temperatur
                    "which more threads only slow down (measured: README, Results).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @one_line_errors
-def upscale_command(paths, out_dir, recursive, suffix, k, epsilon, greedy, checkpoint, device,
+def upscale_command(paths, out_dir, recursive, suffix, k, epsilon, greedy, rule, checkpoint, device,
                     compare, heatmap, preview_scale, temperature, samples, seed, threads,
                     quiet) -> None:
     """Upscale face images to 32x32 (4x from 8x8).
@@ -273,7 +285,7 @@ def upscale_command(paths, out_dir, recursive, suffix, k, epsilon, greedy, check
             for i in range(n_samples):
                 generator = torch.Generator().manual_seed(seed * 1000 + i)
                 res = _decode_one(model, torch.from_numpy(lr_np)[None], greedy, k, epsilon,
-                                  temperature, generator)
+                                  temperature, generator, rule)
                 name = target if n_samples == 1 else target.with_name(f"{target.stem}_s{i}.png")
                 sr = res.images[0].numpy()
                 save(name, sr)
@@ -309,6 +321,15 @@ def _parse_ints(text: str) -> list[int]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _parse_rules(text: str) -> list[str]:
+    rules = [r.strip() for r in text.split(",") if r.strip()]
+    for r in rules:
+        if r not in RULES:
+            raise click.BadParameter(f"unknown decoding rule {r!r}; choose from {', '.join(RULES)}",
+                                     param_hint="--rule")
+    return rules or [DEFAULT_RULE]
+
+
 def _write_json(path: str, obj) -> None:
     import json
     import os
@@ -325,6 +346,12 @@ def _write_json(path: str, obj) -> None:
 @click.argument("data", type=click.Path())
 @click.option("--k", "ks", default="4,8,10", show_default=True, help="Comma-separated k values.")
 @click.option("--epsilon", "epsilons", default="0,2", show_default=True)
+@click.option("--rule", "rules", default=DEFAULT_RULE, show_default=True,
+              help="Comma-separated decoding rules (mean, argmax, median); every deterministic "
+                   "row is decoded with each.")
+@click.option("--refine", type=click.IntRange(0, 255), default=None,
+              help="Blockwise rows: take next proposals from the verify pass where the first "
+                   "rejected proposal missed by at most this many levels.")
 @click.option("--limit", type=int, default=None, help="Use the first N faces.")
 @click.option("--temperature", "temperatures", default="", help="Also sample at these "
               "temperatures (comma-separated), plainly and blockwise with each k.")
@@ -335,13 +362,16 @@ def _write_json(path: str, obj) -> None:
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the results here.")
 @click.option("-q", "--quiet", is_flag=True)
 @one_line_errors
-def evaluate_command(data, ks, epsilons, limit, temperatures, seed, batch_size, checkpoint, device,
-                     json_path, quiet):
-    """PSNR / SSIM against the ground truth of bicubic, Lanczos, greedy and blockwise decoding.
+def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, seed, batch_size,
+                     checkpoint, device, json_path, quiet):
+    """PSNR / SSIM against the ground truth of bicubic, Lanczos, the conditioning net alone,
+    sequential and blockwise decoding, for each decoding rule.
 
     DATA: an npz of 32x32 faces, a folder of face images, or a CelebA root. The input is the
     4x4 area mean of each face. Metrics: scikit-image PSNR (data_range 255) and SSIM
     (Gaussian weights, sigma 1.5, no sample covariance) on uint8 RGB, no border shave.
+    "cond net (mean)" is the model's conditioning network on its own (no decoder): the
+    expected intensity of its logits at every position, a regression baseline.
     """
     import torch
     from tqdm import tqdm
@@ -351,6 +381,7 @@ def evaluate_command(data, ks, epsilons, limit, temperatures, seed, batch_size, 
     from .metrics import quality, upscale_bicubic, upscale_lanczos
     from .tokens import downsample
 
+    rule_list = _parse_rules(rules)
     hr = load_faces(data, split="test", limit=limit)
     model = _load_model(checkpoint, pick_device(device))
     lr = downsample(hr)
@@ -358,41 +389,82 @@ def evaluate_command(data, ks, epsilons, limit, temperatures, seed, batch_size, 
     bicubic = quality(upscale_bicubic(lr.numpy()), ref)
     rows = [{"method": "bicubic", **_q(bicubic, bicubic)},
             {"method": "lanczos", **_q(quality(upscale_lanczos(lr.numpy()), ref), bicubic)}]
+    if model.cond is not None:
+        cond = conditioning_images(model, lr, batch_size)
+        rows.append({"method": "cond net (mean)", **_q(quality(cond, ref), bicubic)})
     k_list = [k for k in _parse_ints(ks) if k <= model.cfg.k]
-    configs = [("greedy", 1, 0, 0.0)] + [(f"blockwise k={k} eps={e}", k, e, 0.0)
-                                          for k in k_list for e in _parse_ints(epsilons)]
+    configs = []
+    for rule in rule_list:
+        configs += [(f"sequential ({rule})", 1, 0, 0.0, rule)]
+        configs += [(f"k={k} eps={e} ({rule})", k, e, 0.0, rule)
+                    for k in k_list for e in _parse_ints(epsilons)]
     for t in (float(x) for x in temperatures.split(",") if x.strip()):
-        configs += [(f"sample T={t}", 1, 0, t)] + [(f"blockwise k={k} T={t}", k, 0, t) for k in k_list]
-    for name, k, eps, temp in tqdm(configs, desc="decoding", disable=quiet):
+        configs += [(f"sample T={t}", 1, 0, t, None)]
+        configs += [(f"blockwise k={k} T={t}", k, 0, t, None) for k in k_list]
+    for name, k, eps, temp, rule in tqdm(configs, desc="decoding", disable=quiet):
         images, acc, calls, secs = [], [], 0, 0.0
         gen = torch.Generator().manual_seed(seed)
         for s in range(0, len(lr), batch_size):
             batch = lr[s : s + batch_size]
             if k == 1:
-                res = sample_decode(model, batch, temp, gen)
+                res = sample_decode(model, batch, temp, gen, rule=rule or DEFAULT_RULE)
                 calls += res.model_calls * len(batch)  # one call per token, per image
             else:
+                extra = {"rule": rule, "refine": refine} if temp == 0 else {}
                 res = blockwise_parallel_decode(model, batch, k=k, epsilon=eps, temperature=temp,
-                                                generator=gen)
+                                                generator=gen, **extra)
                 calls += sum(len(a) + 1 for a in res.accepted)
             images.append(res.images)
             acc += res.accepted
             secs += res.seconds
-        q = quality(torch.cat(images).numpy(), ref)
+        decoded = torch.cat(images)
+        q = quality(decoded.numpy(), ref)
         total, steps = sum(int(a.sum()) for a in acc), sum(len(a) for a in acc)
-        rows.append({"method": name, "k": k, "epsilon": eps, "temperature": temp, **_q(q, bicubic),
-                     "mean_accepted": total / steps, "model_calls_per_image": calls / len(lr),
-                     "seconds": secs})
+        row = {"method": name, "rule": rule, "k": k, "epsilon": eps, "temperature": temp,
+               "refine": refine if k > 1 and temp == 0 else None, **_q(q, bicubic),
+               "mean_accepted": total / steps, "model_calls_per_image": calls / len(lr),
+               "seconds": secs}
+        seq = next((r for r in rows if r.get("rule") == rule and r["k"] == 1 and temp == 0), None)
+        if seq is not None and k > 1:  # how far blockwise decoding moved from sequential
+            row["psnr_minus_sequential"] = row["psnr"] - seq["psnr"]
+            row["identical_images_to_sequential"] = float(
+                (decoded == seq["_images"]).flatten(1).all(1).float().mean())
+            row["identical_tokens_to_sequential"] = float((decoded == seq["_images"]).float().mean())
+        if k == 1 and temp == 0:
+            row["_images"] = decoded
+        rows.append(row)
+    for r in rows:
+        r.pop("_images", None)
     click.echo(f"{len(lr)} faces from {data}")
-    click.echo(f"{'method':<26}{'PSNR':>8}{'SSIM':>8}{'min PSNR':>9}{'<bicubic':>9}"
-               f"{'block':>8}{'calls/img':>11}")
+    click.echo(f"{'method':<28}{'PSNR':>8}{'SSIM':>8}{'min PSNR':>9}{'<bicubic':>9}"
+               f"{'block':>8}{'calls/img':>11}{'same img':>9}")
     for r in rows:
         extra = (f"{r['mean_accepted']:>8.2f}{r['model_calls_per_image']:>11.0f}"
                  if "mean_accepted" in r else "")
-        click.echo(f"{r['method']:<26}{r['psnr']:>8.2f}{r['ssim']:>8.3f}{r['psnr_min']:>9.2f}"
+        if "identical_images_to_sequential" in r:
+            extra += f"{r['identical_images_to_sequential']:>9.0%}"
+        click.echo(f"{r['method']:<28}{r['psnr']:>8.2f}{r['ssim']:>8.3f}{r['psnr_min']:>9.2f}"
                    f"{r['share_below_bicubic']:>9.0%}{extra}")
     if json_path:
-        _write_json(json_path, {"data": data, "n_images": len(lr), "rows": rows})
+        _write_json(json_path, {"data": data, "n_images": len(lr), "rules": rule_list,
+                                "checkpoint": checkpoint or "shipped default", "rows": rows})
+
+
+def conditioning_images(model, lr, batch_size: int = 64):
+    """The conditioning net alone: the expected intensity of its logits at every target,
+    rounded. lr uint8 (N, 8, 8, 3) -> uint8 numpy (N, 32, 32, 3)."""
+    import torch
+
+    from .rules import apply_rule
+    from .tokens import tokens_to_image
+
+    dev = next(model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(lr), batch_size):
+            logits = model.cond(lr[s : s + batch_size].to(dev))  # (b, 3072, 256)
+            out.append(tokens_to_image(apply_rule(logits, "mean").cpu()))
+    return torch.cat(out).numpy()
 
 
 def _q(q: dict, bicubic: dict) -> dict:
@@ -414,6 +486,8 @@ def _q(q: dict, bicubic: dict) -> dict:
 @click.option("--k", "ks", default="2,4,6,8,10", show_default=True)
 @click.option("--epsilon", "epsilons", default="0,2", show_default=True)
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="For the throughput table.")
+@click.option("--rule", type=click.Choice(RULES), default=DEFAULT_RULE, show_default=True,
+              help=RULE_HELP)
 @click.option("--temperatures", default="0.8,0.9,1.0", show_default=True,
               help="Exact sampling: plain against blockwise (k from --sampling-k); '' to skip.")
 @click.option("--sampling-k", default="4,10", show_default=True)
@@ -426,7 +500,7 @@ def _q(q: dict, bicubic: dict) -> dict:
               show_default=True, help="Folder for benchmark.json, table.md and plots.png.")
 @click.option("-q", "--quiet", is_flag=True)
 @one_line_errors
-def benchmark_command(data, limit, ks, epsilons, batch_sizes, temperatures, sampling_k, step_costs,
+def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures, sampling_k, step_costs,
                       step_repeats, checkpoint, out_dir, quiet):
     """Reproduce the paper's Table 2 on this machine: mean accepted block size, model calls,
     seconds per image at batch 1 and speed-up over cached greedy decoding (timed in the same
@@ -453,12 +527,13 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, temperatures, samp
     hr = load_faces(data, split="test", limit=max(limit, max(_parse_ints(batch_sizes))))
     bar = tqdm(disable=quiet, desc="table")
     result["table"] = bench.table(model, hr[:limit], _parse_ints(ks), _parse_ints(epsilons),
-                                  progress=lambda s: bar.set_postfix_str(s) or bar.update(1))
+                                  progress=lambda s: bar.set_postfix_str(s) or bar.update(1),
+                                  rule=rule)
     bar.close()
     temps = [float(t) for t in temperatures.split(",") if t.strip()]
     if temps:
         result["sampling"] = bench.sampling_table(model, hr[:limit], temps, _parse_ints(sampling_k))
-    result["throughput"] = bench.throughput(model, hr, _parse_ints(batch_sizes))
+    result["throughput"] = bench.throughput(model, hr, _parse_ints(batch_sizes), rule=rule)
     out = Path(out_dir)
     _write_json(str(out / "benchmark.json"), result)
     md = bench.markdown_table(result["table"])

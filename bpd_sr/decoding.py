@@ -35,6 +35,7 @@ import torch
 
 from .config import N_HR_TOKENS
 from .model import EncoderContext, ImageTransformer
+from .rules import DEFAULT_RULE, apply_rule, check_rule
 from .tokens import BOS, previous_token_inputs, tokens_to_image
 
 # proposer(rows, next_pos, slot_logits) -> (b, k) proposed tokens. rows: cache rows (b,);
@@ -101,12 +102,15 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
 def sample_decode(
     model: ImageTransformer, lr: torch.Tensor, temperature: float = 1.0,
     generator: torch.Generator | None = None, n_tokens: int = N_HR_TOKENS,
+    rule: str = DEFAULT_RULE,
 ) -> DecodeResult:
     """Ancestral sampling from the base model at a temperature, one token per decoder call.
 
-    The reference for sampling; temperature 0 is greedy decoding. lr: uint8 (B, 8, 8, 3).
+    The reference for sampling; temperature 0 is sequential decoding with ``rule`` (the
+    decoding rule, ``bpd_sr.rules``; ignored when sampling). lr: uint8 (B, 8, 8, 3).
     n_tokens: decode only the first n tokens (the rest stay 0; for tests).
     """
+    check_rule(rule)
     t0 = time.perf_counter()
     lr, ctx, cache = _prepare(model, lr, n_tokens)
     b, dev = lr.shape[0], lr.device
@@ -120,7 +124,7 @@ def sample_decode(
         if temperature > 0:
             nxt = _draw(torch.softmax(logits.double() / temperature, -1), generator)
         else:
-            nxt = logits.argmax(-1)
+            nxt = apply_rule(logits, rule)
         tokens[:, p] = nxt
         inputs = previous_token_inputs(nxt[:, None], pos + 1)
     step_of = torch.arange(N_HR_TOKENS, device=dev).expand(b, -1)
@@ -128,27 +132,34 @@ def sample_decode(
     return _result(tokens, step_of, acc, [n_tokens] * b, n_tokens, t0)
 
 
-def greedy_decode(model: ImageTransformer, lr: torch.Tensor, n_tokens: int = N_HR_TOKENS) -> DecodeResult:
-    """The reference: one token per decoder call, with the key/value cache.
+def greedy_decode(
+    model: ImageTransformer, lr: torch.Tensor, n_tokens: int = N_HR_TOKENS,
+    rule: str = DEFAULT_RULE,
+) -> DecodeResult:
+    """The reference: sequential decoding, one token per decoder call, with the key/value
+    cache; each token is ``rule`` applied to the model's distribution (``"argmax"``: the
+    paper's greedy decoding; ``"mean"``: the expected intensity, the package default).
 
     lr: uint8 (B, 8, 8, 3). Model calls = 3072.
     """
-    return sample_decode(model, lr, temperature=0.0, n_tokens=n_tokens)
+    return sample_decode(model, lr, temperature=0.0, n_tokens=n_tokens, rule=rule)
 
 
 def acceptance_test(
-    proposals: torch.Tensor, base_logits: torch.Tensor, epsilon: int = 0, top_t: int | None = None
+    proposals: torch.Tensor, base_logits: torch.Tensor, epsilon: int = 0,
+    top_t: int | None = None, rule: str = DEFAULT_RULE,
 ) -> torch.Tensor:
     """Which proposals pass against the base model's prediction at the same position.
 
     proposals: long (b, m); base_logits: (b, m, 256). Returns bool (b, m).
     top_t: the proposal is among the base's t most likely tokens (section 5.2, "top-k").
-    Otherwise: |proposal - base argmax| <= epsilon ("distance-based"; epsilon 0 = exact).
+    Otherwise: |proposal - rule(base)| <= epsilon ("distance-based"; epsilon 0 = exact),
+    where rule(base) is the base's choice under the decoding rule (``bpd_sr.rules``).
     """
     if top_t is not None:
         top = base_logits.topk(top_t, dim=-1).indices  # (b, m, t)
         return (top == proposals[..., None]).any(-1)
-    return (proposals - base_logits.argmax(-1)).abs() <= epsilon
+    return (proposals - apply_rule(base_logits, rule)).abs() <= epsilon
 
 
 def speculative_accept(
@@ -171,9 +182,34 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 1e-12, r / total.clamp(min=1e-300), p)
 
 
-def propose_argmax(rows: torch.Tensor, next_pos: torch.Tensor, slot_logits: torch.Tensor):
-    """The paper's proposer: each slot's most likely token. (b, k, 256) -> (b, k)."""
-    return slot_logits.argmax(-1)
+def rule_proposer(rule: str = DEFAULT_RULE) -> Proposer:
+    """The paper's proposer under a decoding rule: each slot's rule value (argmax in the
+    paper). (b, k, 256) slot logits -> (b, k)."""
+    check_rule(rule)
+
+    def propose(rows: torch.Tensor, next_pos: torch.Tensor, slot_logits: torch.Tensor):
+        return apply_rule(slot_logits, rule)
+
+    return propose
+
+
+propose_argmax = rule_proposer("argmax")
+
+
+@dataclass
+class _Batch:
+    """The live part of a blockwise decode: images that are not finished yet.
+
+    rows: long (b,) their rows in the full batch (and in the cache); n: long (b,) tokens
+    committed so far; proposals: long (b, k) this step's proposals, fed at n + 1 + j (proposal
+    0 is the base's own next token); q: (b, k, 256) their distributions when sampling.
+    """
+
+    rows: torch.Tensor
+    n: torch.Tensor
+    proposals: torch.Tensor
+    q: torch.Tensor | None
+    ctx: EncoderContext
 
 
 @torch.inference_mode()
@@ -184,7 +220,9 @@ def blockwise_parallel_decode(
     epsilon: int = 0,
     top_t: int | None = None,
     min_block: int = 1,
-    proposer: Proposer = propose_argmax,
+    proposer: Proposer | None = None,
+    rule: str = DEFAULT_RULE,
+    refine: int | None = None,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     n_tokens: int = N_HR_TOKENS,
@@ -192,9 +230,16 @@ def blockwise_parallel_decode(
     """Blockwise parallel decoding of a batch of low-res images.
 
     lr: uint8 (B, 8, 8, 3). k: proposals per step, 1 <= k <= model.cfg.k (default: all).
-    epsilon / top_t: the acceptance test (``acceptance_test``). min_block: accept at least
-    this many tokens per step even if they fail the test (section 5.3).
-    With epsilon = 0, top_t = None and min_block = 1 the output equals ``greedy_decode``.
+    rule: the decoding rule (``bpd_sr.rules``): it gives the proposals (each slot's rule
+    value, unless ``proposer`` is given) and the base's choice each proposal is tested
+    against. epsilon / top_t: the acceptance test (``acceptance_test``). min_block: accept at
+    least this many tokens per step even if they fail the test (section 5.3).
+    With epsilon = 0, top_t = None and min_block = 1 the output equals
+    ``greedy_decode(model, lr, rule=rule)`` (in float32 up to rounding across matrix shapes:
+    README, "Exactness").
+    refine: after a partial acceptance, take the next proposals from the verify pass itself
+    where the first rejected proposal was within ``refine`` levels of the base's choice
+    (Jacobi-style; ``refine_from_verify``). It changes only which tokens are proposed.
     temperature > 0: exact sampling at that temperature (speculative sampling; the
     proposals are drawn from the heads, ``generator`` makes it reproducible).
     n_tokens: decode only the first n tokens (the rest stay 0; for tests).
@@ -204,9 +249,14 @@ def blockwise_parallel_decode(
         raise ValueError(f"k must be in 1..{model.cfg.k} for this model, got {k}")
     if not 1 <= min_block <= k:
         raise ValueError(f"min_block must be in 1..k, got {min_block}")
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    check_rule(rule)
     sampling = temperature > 0
-    if sampling and (epsilon or top_t is not None or min_block > 1 or proposer is not propose_argmax):
+    if sampling and (epsilon or top_t is not None or min_block > 1 or proposer is not None
+                     or refine is not None):
         raise ValueError("sampling (temperature > 0) uses its own exact acceptance rule")
+    proposer = proposer or rule_proposer(rule)
     t0 = time.perf_counter()
     lr, ctx_all, cache = _prepare(model, lr, n_tokens)
     b, dev = lr.shape[0], lr.device
@@ -215,13 +265,13 @@ def blockwise_parallel_decode(
     step_of = torch.zeros_like(tokens)
     acc = torch.zeros(b, N_HR_TOKENS, dtype=torch.long, device=dev)
     n_steps = torch.zeros(b, dtype=torch.long, device=dev)
-    n = torch.zeros(b, dtype=torch.long, device=dev)  # committed tokens per image
 
-    def propose(rows, n, slot_logits, first=None):
-        """Next k proposals (b, k) and, when sampling, their distributions q (b, k, 256).
-        first: (b,) tokens that replace slot 0 (the residual draws after a rejection)."""
+    def propose(live: _Batch, slot_logits, first=None):
+        """1. propose: the next k proposals (b, k) and, when sampling, their distributions
+        q (b, k, 256). first: (b,) tokens that replace slot 0 (the residual draws after a
+        rejection)."""
         if not sampling:
-            return proposer(rows, n, slot_logits), None
+            return proposer(live.rows, live.n, slot_logits), None
         q = torch.softmax(slot_logits.double() / temperature, -1)
         props = _draw(q, generator)
         if first is not None:
@@ -229,59 +279,93 @@ def blockwise_parallel_decode(
         return props, q
 
     # The first call reads BOS at position 0 and yields the first k proposals.
-    rows = torch.arange(b, device=dev)
-    ctx: EncoderContext = ctx_all
+    live = _Batch(torch.arange(b, device=dev), torch.zeros(b, dtype=torch.long, device=dev),
+                  None, None, ctx_all)
     pos0 = torch.zeros(b, 1, dtype=torch.long, device=dev)
-    h = model.decoder_hidden(ctx, torch.full_like(pos0, BOS), pos0, cache, rows)
-    proposals, q = propose(rows, n, model.logits(ctx, h, pos0, k)[:, 0])  # (B, k)
+    h = model.decoder_hidden(ctx_all, torch.full_like(pos0, BOS), pos0, cache, live.rows)
+    live.proposals, live.q = propose(live, model.logits(ctx_all, h, pos0, k)[:, 0])  # (B, k)
     calls = 1
 
-    while rows.numel() > 0:
+    while live.rows.numel() > 0:
         # 2. verify: proposal j is fed at position n + 1 + j; the base prediction there is
         #    the model's choice for target n + 1 + j given the proposals before it.
-        pos = n[:, None] + 1 + ar_k  # (b, k)
-        h = model.decoder_hidden(ctx, previous_token_inputs(proposals, pos), pos, cache, rows)
-        base = model.logits(ctx, h, pos, 1)[:, :, 0]  # (b, k, 256)
+        pos = live.n[:, None] + 1 + ar_k  # (b, k)
+        inputs = previous_token_inputs(live.proposals, pos)
+        h = model.decoder_hidden(live.ctx, inputs, pos, cache, live.rows)
+        base = model.logits(live.ctx, h, pos, 1)[:, :, 0]  # (b, k, 256)
         calls += 1
 
         # 3. accept: proposal 0 is the base's own token; proposal j >= 1 is tested against
         #    the base prediction made after proposal j - 1.
         if sampling:
             p = torch.softmax(base.double() / temperature, -1)
-            u = torch.rand(proposals.shape[0], k - 1, generator=generator, dtype=torch.float64)
-            ok = speculative_accept(proposals[:, 1:], p[:, :-1], q[:, 1:], u.to(dev))
+            u = torch.rand(live.rows.numel(), k - 1, generator=generator, dtype=torch.float64)
+            ok = speculative_accept(live.proposals[:, 1:], p[:, :-1], live.q[:, 1:], u.to(dev))
         else:
-            ok = acceptance_test(proposals[:, 1:], base[:, :-1], epsilon, top_t)  # (b, k-1)
-        n_ok = torch.cumprod(ok.long(), dim=-1).sum(-1)  # longest passing prefix
+            ok = acceptance_test(live.proposals[:, 1:], base[:, :-1], epsilon, top_t, rule)
+        n_ok = torch.cumprod(ok.long(), dim=-1).sum(-1)  # (b,) longest passing prefix
         n_ok = n_ok.clamp(min=min_block - 1, max=k - 1)
-        n_acc = torch.minimum(n_ok + 1, n_tokens - n)  # (b,), in 1..k
+        n_acc = torch.minimum(n_ok + 1, n_tokens - live.n)  # (b,), in 1..k
 
         # 4. commit: write all k (the tail past n_acc is scratch, overwritten next step)
-        write_pos = n[:, None] + ar_k
-        tokens[rows[:, None], write_pos] = proposals
+        rows = live.rows
+        write_pos = live.n[:, None] + ar_k
+        tokens[rows[:, None], write_pos] = live.proposals
         step_of[rows[:, None], write_pos] = n_steps[rows, None]
         acc[rows, n_steps[rows]] = n_acc
         n_steps[rows] += 1
-        n = n + n_acc
+        live.n = live.n + n_acc
 
         # 1. propose (for the next step): the slots at the last accepted position; when
         #    sampling, a rejected proposal j is replaced by a draw from norm(max(0, p - q))
-        last = n_ok  # index into this step's k positions of the next target's predictor
         sel = torch.arange(rows.numel(), device=dev)
-        h_last, pos_last = h[sel, last][:, None], pos[sel, last][:, None]
+        h_last, pos_last = h[sel, n_ok][:, None], pos[sel, n_ok][:, None]
         first = None
         if sampling:
-            rejected = n_ok < k - 1
             nxt = (n_ok + 1).clamp(max=k - 1)
-            resid = residual_distribution(p[sel, last], q[sel, nxt])
-            first = torch.where(rejected, _draw(resid, generator), _draw(p[sel, last], generator))
-        proposals, q = propose(rows, n, model.logits(ctx, h_last, pos_last, k)[:, 0], first)
+            resid = residual_distribution(p[sel, n_ok], live.q[sel, nxt])
+            first = torch.where(n_ok < k - 1, _draw(resid, generator), _draw(p[sel, n_ok], generator))
+        old_proposals = live.proposals
+        live.proposals, live.q = propose(live, model.logits(live.ctx, h_last, pos_last, k)[:, 0],
+                                         first)
+        if refine is not None:
+            live.proposals = refine_from_verify(live.proposals, old_proposals, base, n_ok,
+                                                refine, rule)
 
         # finished images leave the batch: they cost nothing more
-        live = n < n_tokens
-        if not bool(live.all()):
-            rows, n, proposals = rows[live], n[live], proposals[live]
-            q = q[live] if q is not None else None
-            ctx = ctx_all.select(rows)
+        done = live.n >= n_tokens
+        if bool(done.any()):
+            keep = ~done
+            live = _Batch(rows[keep], live.n[keep], live.proposals[keep],
+                          live.q[keep] if live.q is not None else None, ctx_all.select(rows[keep]))
 
     return _result(tokens, step_of, acc, n_steps.tolist(), calls, t0)
+
+
+def refine_from_verify(
+    proposals: torch.Tensor, old_proposals: torch.Tensor, base: torch.Tensor,
+    n_ok: torch.Tensor, max_miss: int, rule: str = DEFAULT_RULE,
+) -> torch.Tensor:
+    """Proposals for the next step refined by the verify pass that just ran (no model call).
+
+    The verify pass fed old proposal j at position n + 1 + j and computed the base's choice
+    for every target after it. After accepting proposals 0..n_ok, the next step's slot i
+    (i >= 1) targets the same position as old base prediction n_ok + i. That prediction was
+    made after the first rejected proposal, old n_ok + 1; when that proposal missed the base's
+    choice by at most ``max_miss`` levels, the prefix it saw is close to the true one and its
+    prediction is a Jacobi-iteration guess, often better than the head's (README, "Levers").
+
+    proposals: long (b, k) from the heads; old_proposals: long (b, k) this step's; base:
+    (b, k, 256) the verify pass's base logits; n_ok: long (b,). Returns long (b, k).
+    Slot 0 (the base's own token) is never changed, so exactness is kept.
+    """
+    b, k = proposals.shape
+    choice = apply_rule(base, rule)  # (b, k): base's choice for old target n + 1 + j
+    sel = torch.arange(b, device=proposals.device)
+    first_rejected = (n_ok + 1).clamp(max=k - 1)
+    miss = (old_proposals[sel, first_rejected] - choice[sel, n_ok]).abs()
+    usable = (n_ok < k - 1) & (miss <= max_miss)  # (b,)
+    j = n_ok[:, None] + torch.arange(k, device=proposals.device)  # old index of new slot i
+    from_verify = (j >= n_ok[:, None] + 1) & (j < k) & usable[:, None]
+    guess = choice.gather(1, j.clamp(max=k - 1))
+    return torch.where(from_verify, guess, proposals)

@@ -11,8 +11,11 @@ equal to the decode-time states by the cached == uncached parity of the model), 
 heads are then trained for many epochs on the cached states: a step costs the heads and the
 shared output projection only, two orders of magnitude less than a decoder pass on a CPU.
 
-Measures (``head_agreement``): per slot, how often its argmax equals the greedy token at
-p + i (and is within epsilon of it), and the mean accepted block size that blockwise decoding
+The decodes are made with a decoding rule (``bpd_sr.rules``; the package default, the
+expected intensity, unless told otherwise) and the heads learn that rule's tokens.
+
+Measures (``head_agreement``): per slot, how often its rule value equals the decoded token
+at p + i (and is within epsilon of it), and the mean accepted block size that blockwise decoding
 with exact acceptance would reach on those decodes. For exact acceptance that walk is not an
 estimate: the base prediction after an accepted prefix of greedy tokens is the greedy token.
 """
@@ -30,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import N_HR_TOKENS, HeadFitConfig
+from .config import DEFAULT_RULE, N_HR_TOKENS, HeadFitConfig
 from .data import load_faces
 from .model import EncoderContext, ImageTransformer
 from .pretrained import save_checkpoint, warm_start
+from .rules import apply_rule, check_rule, expected_intensity
 from .tokens import downsample, image_to_tokens, shift_right
 from .train import TrainError, distill_targets
 
@@ -102,14 +106,16 @@ def _targets(data: DecodeStates, idx: torch.Tensor, pos: torch.Tensor, n_slots: 
 
 @torch.no_grad()
 def head_agreement(model: ImageTransformer, data: DecodeStates, epsilon: int = 2,
-                   batch_size: int = 4) -> dict:
-    """How well the heads predict the greedy decodes they are checked against.
+                   batch_size: int = 4, rule: str = DEFAULT_RULE) -> dict:
+    """How well the heads predict the decodes (made with ``rule``) they are checked against:
+    each slot's rule value against the decoded token at p + i.
 
     Returns per-slot exact agreement and agreement within epsilon, and ``exact_block``:
     the mean accepted block size of blockwise decoding with exact acceptance and k =
     model.cfg.k on these inputs (each step accepts 1 + the leading slots that agree).
     Also how decided the base itself is along its decodes: the mean probability of its
-    argmax (``base_top1_prob``) and of the tokens within epsilon of it (``base_mass_eps``).
+    argmax (``base_top1_prob``) and of the tokens within epsilon of its rule value
+    (``base_mass_eps``).
     """
     model.eval()
     k = model.cfg.k
@@ -122,7 +128,7 @@ def head_agreement(model: ImageTransformer, data: DecodeStates, epsilon: int = 2
         idx = torch.arange(s, min(s + batch_size, len(data)))
         pos = torch.arange(N_HR_TOKENS).expand(len(idx), -1)
         logits = _slot_logits(model, data, idx, pos, k)  # (b, 3072, k, 256)
-        pred = logits.argmax(-1)  # (b, 3072, k)
+        pred = apply_rule(logits, rule)  # (b, 3072, k)
         probs = logits[:, :, 0].double().softmax(-1)
         levels = torch.arange(probs.shape[-1])
         near_top = (levels - pred[:, :, :1]).abs() <= epsilon  # (b, 3072, 256)
@@ -163,11 +169,16 @@ def fit_heads(
     eval_every: int = 250,
     log: Callable[[dict], None] | None = None,
     progress: bool = True,
+    rule: str = DEFAULT_RULE,
+    value_loss_weight: float = 0.0,
 ) -> list[dict]:
-    """Train ``model.heads`` (everything else frozen) on cached greedy-decode states.
+    """Train ``model.heads`` (everything else frozen) on cached decode states.
 
     Each step: ``batch_images`` random decodes, ``positions`` random positions in each;
-    the loss is the mean cross-entropy of slots 1..k-1 against the greedy token at p + i.
+    the loss is the mean cross-entropy of slots 1..k-1 against the decoded token at p + i,
+    plus, for the "mean" rule, ``value_loss_weight`` times a Huber loss (in intensity levels,
+    transition at 2 levels: the epsilon that acceptance allows) between each slot's expected
+    intensity and that token: acceptance tests the slot's rule value, not its probability.
     Cosine learning-rate decay over ``steps`` after a linear warm-up. Returns the log.
     """
     k = model.cfg.k
@@ -190,9 +201,15 @@ def fit_heads(
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = _slot_logits(model, train, idx, pos, k)[:, :, 1:]  # (b, P, k-1, 256)
         tgt, valid = _targets(train, idx, pos, k)
-        ce = F.cross_entropy(logits.to(model.out_proj.weight.dtype).flatten(0, 2), tgt[:, :, 1:].flatten(), reduction="none")
+        logits = logits.to(model.out_proj.weight.dtype).flatten(0, 2)
+        target = tgt[:, :, 1:].flatten()
+        per_token = F.cross_entropy(logits, target, reduction="none")
+        if rule == "mean" and value_loss_weight > 0:
+            value = expected_intensity(logits).float()
+            per_token = per_token + value_loss_weight * F.huber_loss(
+                value, target.float(), reduction="none", delta=2.0)
         w = valid[:, :, 1:].flatten().float()
-        loss = (ce * w).sum() / w.sum()
+        loss = (per_token * w).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -202,7 +219,7 @@ def fit_heads(
             entry = {"step": step + 1, "seconds": round(time.perf_counter() - t0, 1),
                      "loss": round(loss.item(), 4)}
             if val is not None:
-                entry.update(head_agreement(model, val))
+                entry.update(head_agreement(model, val, rule=rule))
                 model.train()
             history.append(entry)
             if log is not None:
@@ -220,6 +237,7 @@ def run(cfg: HeadFitConfig, progress: bool = True) -> Path:
     Returns the checkpoint's path."""
     if cfg.n_faces <= cfg.n_val or cfg.n_val < 0:
         raise TrainError(f"need more faces ({cfg.n_faces}) than held-out faces ({cfg.n_val})")
+    check_rule(cfg.rule)
     model, ckpt = warm_start(cfg.init, cfg.k or None)
     if model.cfg.k < 2:
         raise TrainError(f"{cfg.init} has k = 1: give --k 2 or more to add heads")
@@ -231,7 +249,8 @@ def run(cfg: HeadFitConfig, progress: bool = True) -> Path:
     pick = torch.randperm(len(faces), generator=torch.Generator().manual_seed(cfg.seed))
     faces = faces[pick[: cfg.n_faces]]
     out = Path(cfg.out)
-    decodes = distill_targets(model, faces, out / "decodes.npz", cfg.decode_batch, progress)
+    decodes = distill_targets(model, faces, out / "decodes.npz", cfg.decode_batch, progress,
+                              rule=cfg.rule)
     lr_in = downsample(faces)
     n_train = cfg.n_faces - cfg.n_val
     train = decode_states(model, lr_in[:n_train], decodes[:n_train], dtype=torch.bfloat16,
@@ -244,11 +263,12 @@ def run(cfg: HeadFitConfig, progress: bool = True) -> Path:
 
     history: list[dict] = []
     if val is not None:
-        history.append({"step": 0, **head_agreement(model, val)})
+        history.append({"step": 0, **head_agreement(model, val, rule=cfg.rule)})
         log(history[0])
     history += fit_heads(model, train, val, steps=cfg.steps, batch_images=cfg.batch_images,
                          positions=cfg.positions, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                         seed=cfg.seed, eval_every=cfg.eval_every, log=log, progress=progress)
+                         seed=cfg.seed, eval_every=cfg.eval_every, log=log, progress=progress,
+                         rule=cfg.rule, value_loss_weight=cfg.value_loss_weight)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "log.jsonl", "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in history)

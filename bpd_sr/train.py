@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import N_HR_TOKENS, ModelConfig, TrainConfig
+from .config import DEFAULT_RULE, N_HR_TOKENS, ModelConfig, TrainConfig
 from .data import load_faces, write_npz_atomic
 from .model import ImageTransformer
 from .pretrained import load_checkpoint, save_checkpoint, warm_start
@@ -160,10 +160,10 @@ def evaluate_heads(model: ImageTransformer, images: torch.Tensor, batch_size: in
 # ---- distillation targets -------------------------------------------------------------
 def distill_targets(
     base: ImageTransformer, images: torch.Tensor, cache_path: Path, batch_size: int = 64,
-    progress: bool = True,
+    progress: bool = True, rule: str = DEFAULT_RULE,
 ) -> torch.Tensor:
-    """The base model's greedy decodes of every training input, uint8 (N, 32, 32, 3), made
-    once and cached (atomically) at cache_path.
+    """The base model's sequential decodes (under ``rule``) of every training input, uint8
+    (N, 32, 32, 3), made once and cached (atomically) at cache_path.
 
     Decoding is slow on a CPU (about 0.7 images/s for the small preset), so the decodes made
     so far are saved after every batch (``<cache>.partial.npz``, atomically) and a killed run
@@ -171,15 +171,21 @@ def distill_targets(
     """
     from .decoding import greedy_decode
 
+    def load(path: Path) -> torch.Tensor | None:
+        """Cached decodes made with this rule (older caches without one were argmax)."""
+        with np.load(path) as f:
+            made_with = str(f["rule"]) if "rule" in f else "argmax"
+            return torch.as_tensor(f["images"]) if made_with == rule else None
+
     if cache_path.exists():
-        cached = torch.as_tensor(np.load(cache_path)["images"])
-        if cached.shape == images.shape:
+        cached = load(cache_path)
+        if cached is not None and cached.shape == images.shape:
             return cached
     partial = cache_path.with_name(cache_path.name + ".partial.npz")
     done: list[torch.Tensor] = []
     if partial.exists():
-        saved = torch.as_tensor(np.load(partial)["images"])
-        if len(saved) <= len(images):
+        saved = load(partial)
+        if saved is not None and len(saved) <= len(images):
             done = [saved]
     start = sum(len(d) for d in done)
     base.eval()
@@ -188,10 +194,10 @@ def distill_targets(
     for s in tqdm(range(start, len(images), batch_size), desc="distillation decodes",
                   disable=not progress, initial=start // batch_size,
                   total=-(-len(images) // batch_size)):
-        done.append(greedy_decode(base, lr_all[s : s + batch_size]).images)
-        write_npz_atomic(partial, images=torch.cat(done).numpy())
+        done.append(greedy_decode(base, lr_all[s : s + batch_size], rule=rule).images)
+        write_npz_atomic(partial, images=torch.cat(done).numpy(), rule=np.array(rule))
     decoded = torch.cat(done) if done else images[:0].clone()
-    write_npz_atomic(cache_path, images=decoded.numpy())
+    write_npz_atomic(cache_path, images=decoded.numpy(), rule=np.array(rule))
     partial.unlink(missing_ok=True)
     return decoded
 

@@ -160,27 +160,47 @@ def test_default_weights_upscale_the_example_face(tmp_path):
     assert out.shape == (32, 32, 3) and out.std() > 10  # a face, not a flat image
 
 
+def test_upscale_rule_reaches_the_decode(tmp_path, tiny_ckpt):
+    src = face(tmp_path / "f.png")
+    outs = {}
+    for rule in ("argmax", "mean"):
+        res = run("upscale", src, "-o", tmp_path / rule, "--rule", rule, "--checkpoint", tiny_ckpt)
+        assert res.exit_code == 0, res.output
+        outs[rule] = np.asarray(Image.open(tmp_path / rule / "f_x4.png"))
+    assert not np.array_equal(outs["argmax"], outs["mean"])
+    res = run("upscale", src, "--rule", "mode", "--checkpoint", tiny_ckpt)
+    assert res.exit_code == 2 and "mode" in res.output
+
+
 def test_evaluate_writes_json(tmp_path, tiny_ckpt):
     rng = np.random.default_rng(0)
     npz = tmp_path / "faces.npz"
     np.savez(npz, images=rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
-    res = run("evaluate", npz, "--k", "2", "--epsilon", "0,2", "--checkpoint", tiny_ckpt,
-              "--json", tmp_path / "e.json", "-q")
+    res = run("evaluate", npz, "--k", "2", "--epsilon", "0,2", "--rule", "argmax,mean",
+              "--checkpoint", tiny_ckpt, "--json", tmp_path / "e.json", "-q")
     assert res.exit_code == 0, res.output
     rows = json.loads((tmp_path / "e.json").read_text())["rows"]
     names = [r["method"] for r in rows]
-    assert names == ["bicubic", "lanczos", "greedy", "blockwise k=2 eps=0", "blockwise k=2 eps=2"]
-    exact = rows[3]
-    assert exact["psnr"] == pytest.approx(rows[2]["psnr"])  # exact acceptance == greedy
-    assert 1.0 <= exact["mean_accepted"] <= 2.0
+    assert names == ["bicubic", "lanczos", "cond net (mean)",
+                     "sequential (argmax)", "k=2 eps=0 (argmax)", "k=2 eps=2 (argmax)",
+                     "sequential (mean)", "k=2 eps=0 (mean)", "k=2 eps=2 (mean)"]
+    assert [r.get("rule") for r in rows[3:]] == ["argmax"] * 3 + ["mean"] * 3
+    for seq, exact in ((rows[3], rows[4]), (rows[6], rows[7])):
+        assert exact["psnr"] == pytest.approx(seq["psnr"])  # exact acceptance == sequential
+        assert exact["identical_images_to_sequential"] == 1.0
+        assert exact["psnr_minus_sequential"] == pytest.approx(0.0)
+        assert 1.0 <= exact["mean_accepted"] <= 2.0
+    assert rows[3]["psnr_per_image"] != rows[6]["psnr_per_image"]  # the rules decode differently
     # collapse, measured per image against bicubic upscaling of the same input
     assert rows[0]["share_below_bicubic"] == 0.0
     for r in rows:
         assert len(r["psnr_per_image"]) == 3
         assert r["psnr_min"] == pytest.approx(min(r["psnr_per_image"]), abs=1e-3)
     bic = rows[0]["psnr_per_image"]
-    below = np.mean([g < b for g, b in zip(rows[2]["psnr_per_image"], bic, strict=True)])
-    assert rows[2]["share_below_bicubic"] == pytest.approx(below)
+    below = np.mean([g < b for g, b in zip(rows[3]["psnr_per_image"], bic, strict=True)])
+    assert rows[3]["share_below_bicubic"] == pytest.approx(below)
+    res = run("evaluate", npz, "--rule", "mode", "--checkpoint", tiny_ckpt, "-q")
+    assert res.exit_code != 0 and "unknown decoding rule 'mode'" in res.output
 
 
 def test_benchmark_writes_json_table_and_plot(tmp_path, tiny_ckpt):

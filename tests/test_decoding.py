@@ -8,6 +8,7 @@ import torch
 from bpd_sr import blockwise_parallel_decode, greedy_decode
 from bpd_sr.config import N_HR_TOKENS
 from bpd_sr.decoding import acceptance_test
+from bpd_sr.rules import DEFAULT_RULE, RULES, apply_rule
 from bpd_sr.tokens import image_to_tokens
 from bpd_sr.train import sr_loss
 from tests.conftest import random_lr, tiny_model
@@ -18,10 +19,11 @@ def model8():
     return tiny_model(k=8, seed=3)
 
 
-@pytest.fixture(scope="module")
-def greedy_ref(model8):
+@pytest.fixture(scope="module", params=RULES)
+def greedy_ref(model8, request):
+    """Three inputs, their sequential decode under one decoding rule, and the rule."""
     lr = random_lr(3, seed=5)
-    return lr, greedy_decode(model8, lr)
+    return lr, greedy_decode(model8, lr, rule=request.param), request.param
 
 
 def synthetic_faces(n: int, seed: int) -> torch.Tensor:
@@ -64,22 +66,38 @@ def check_bookkeeping(res, k):
 @pytest.mark.parametrize("k", [2, 4, 8])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_exact_blockwise_equals_greedy_random_heads(model8, greedy_ref, k, batch):
-    lr, ref = greedy_ref
-    res = blockwise_parallel_decode(model8, lr[:batch], k=k)
+    lr, ref, rule = greedy_ref
+    res = blockwise_parallel_decode(model8, lr[:batch], k=k, rule=rule)
     assert torch.equal(res.images, ref.images[:batch])
+    check_bookkeeping(res, k)
+
+
+def test_rules_decode_differently(greedy_ref, model8):
+    """The rule reaches the decode: another rule gives another image."""
+    lr, ref, rule = greedy_ref
+    other = greedy_decode(model8, lr[:1], rule="argmax" if rule != "argmax" else "mean")
+    assert not torch.equal(other.images, ref.images[:1])
+
+
+@pytest.mark.parametrize("k", [4, 8])
+def test_refined_proposals_keep_exactness(model8, greedy_ref, k):
+    """Proposals taken from the verify pass change the speed, never the exact output."""
+    lr, ref, rule = greedy_ref
+    res = blockwise_parallel_decode(model8, lr, k=k, rule=rule, refine=255)
+    assert torch.equal(res.images, ref.images)
     check_bookkeeping(res, k)
 
 
 @pytest.mark.parametrize("k", [2, 4, 8])
 def test_oracle_proposals_accept_k_every_step(model8, greedy_ref, k):
-    lr, ref = greedy_ref
+    lr, ref, rule = greedy_ref
     answer = image_to_tokens(ref.images)  # (3, 3072)
     padded = torch.cat([answer, torch.zeros(3, k, dtype=torch.long)], dim=1)
 
     def oracle(rows, next_pos, slot_logits):
         return padded[rows[:, None], next_pos[:, None] + torch.arange(k)]
 
-    res = blockwise_parallel_decode(model8, lr, k=k, proposer=oracle)
+    res = blockwise_parallel_decode(model8, lr, k=k, proposer=oracle, rule=rule)
     assert torch.equal(res.images, ref.images)
     steps = -(-N_HR_TOKENS // k)
     for acc in res.accepted:
@@ -90,17 +108,17 @@ def test_oracle_proposals_accept_k_every_step(model8, greedy_ref, k):
 
 def test_a_wrong_oracle_is_caught(model8, greedy_ref):
     """Proposals that disagree with the base model are rejected: output stays greedy."""
-    lr, ref = greedy_ref
+    lr, ref, rule = greedy_ref
     answer = image_to_tokens(ref.images)
     wrong = torch.cat([answer, torch.zeros(3, 4, dtype=torch.long)], dim=1)
     wrong[:, 1::7] = (wrong[:, 1::7] + 1) % 256
 
     def oracle(rows, next_pos, slot_logits):
         props = wrong[rows[:, None], next_pos[:, None] + torch.arange(4)]
-        props[:, 0] = slot_logits[:, 0].argmax(-1)  # slot 0 is the base's own token
+        props[:, 0] = apply_rule(slot_logits[:, 0], rule)  # slot 0 is the base's own token
         return props
 
-    res = blockwise_parallel_decode(model8, lr, k=4, proposer=oracle)
+    res = blockwise_parallel_decode(model8, lr, k=4, proposer=oracle, rule=rule)
     assert torch.equal(res.images, ref.images)
     assert res.mean_accepted < 4
 
@@ -110,8 +128,10 @@ def test_exact_blockwise_equals_greedy_trained_heads(trained_model, k):
     from bpd_sr.tokens import downsample
 
     lr = downsample(synthetic_faces(3, seed=999))
-    ref = greedy_decode(trained_model, lr)
-    res = blockwise_parallel_decode(trained_model, lr, k=k)
+    # the heads learnt the data's tokens, which a 120-step model decodes by argmax; its
+    # expected intensities sit between bands (parity under every rule is tested above)
+    ref = greedy_decode(trained_model, lr, rule="argmax")
+    res = blockwise_parallel_decode(trained_model, lr, k=k, rule="argmax")
     assert torch.equal(res.images, ref.images)
     check_bookkeeping(res, k)
     # trained heads are worth having: well over one token per step
@@ -136,7 +156,7 @@ def base_argmax_given(model, lr, images):
     return y, logits[:, :, 0]  # (B, 3072), (B, 3072, 256)
 
 
-@pytest.mark.parametrize("rule", [{"epsilon": 3}, {"top_t": 3}])
+@pytest.mark.parametrize("rule", [{"epsilon": 3}, {"top_t": 3}, {"epsilon": 3, "rule": "argmax"}])
 def test_every_accepted_token_passes_the_test(model8, rule):
     lr = random_lr(2, seed=31)
     res = blockwise_parallel_decode(model8, lr, k=8, **rule)
@@ -147,17 +167,21 @@ def test_every_accepted_token_passes_the_test(model8, rule):
         first = torch.ones(N_HR_TOKENS, dtype=torch.bool)
         first[1:] = steps[1:] != steps[:-1]
         # the first token of a step is the base model's own next token: exact
-        assert torch.equal(y[b, first], base[b, first].argmax(-1))
+        choice = apply_rule(base[b, first], rule.get("rule", DEFAULT_RULE))
+        assert torch.equal(y[b, first], choice)
         # every other accepted token passed the acceptance test against the base prediction
         ok = acceptance_test(y[b, ~first][None], base[b, ~first][None], **rule)
         assert bool(ok.all())
 
 
 def test_approximate_acceptance_drifts_from_greedy_but_accepts_more(model8, greedy_ref):
-    lr, ref = greedy_ref
-    exact = blockwise_parallel_decode(model8, lr, k=8)
-    loose = blockwise_parallel_decode(model8, lr, k=8, epsilon=8)
+    lr, ref, rule = greedy_ref
+    exact = blockwise_parallel_decode(model8, lr, k=8, rule=rule)
+    loose = blockwise_parallel_decode(model8, lr, k=8, epsilon=8, rule=rule)
     assert loose.mean_accepted > exact.mean_accepted
+    # the kept tokens are the proposals, within epsilon of the base: the image drifts
+    drift = (loose.images.int() - ref.images.int()).abs()
+    assert int(drift.max()) > 0
 
 
 def test_min_block_forces_progress(model8):
@@ -167,8 +191,8 @@ def test_min_block_forces_progress(model8):
 
 
 def test_k1_is_greedy_and_argument_checks(model8, greedy_ref):
-    lr, ref = greedy_ref
-    res = blockwise_parallel_decode(model8, lr[:1], k=1)
+    lr, ref, rule = greedy_ref
+    res = blockwise_parallel_decode(model8, lr[:1], k=1, rule=rule)
     assert torch.equal(res.images, ref.images[:1])
     assert res.steps == [N_HR_TOKENS]
     with pytest.raises(ValueError):
@@ -177,6 +201,10 @@ def test_k1_is_greedy_and_argument_checks(model8, greedy_ref):
         blockwise_parallel_decode(model8, lr, k=4, min_block=5)
     with pytest.raises(ValueError):
         greedy_decode(model8, lr.float())
+    with pytest.raises(ValueError, match="epsilon"):
+        blockwise_parallel_decode(model8, lr, k=4, epsilon=-1)
+    with pytest.raises(ValueError, match="rule"):
+        greedy_decode(model8, lr, rule="mode")
 
 
 def test_acceptance_test_rules():
@@ -186,6 +214,76 @@ def test_acceptance_test_rules():
     logits[0, 1, 10] = 5
     logits[0, 2, 0] = 5
     logits[0, 2, 200] = 4
-    assert acceptance_test(props, logits).tolist() == [[True, False, False]]
-    assert acceptance_test(props, logits, epsilon=2).tolist() == [[True, True, False]]
+    sharp = logits * 20  # so sharp that every rule agrees with argmax
+    for rule in RULES:
+        assert acceptance_test(props, sharp, rule=rule).tolist() == [[True, False, False]]
+        assert acceptance_test(props, sharp, epsilon=2, rule=rule).tolist() == [[True, True, False]]
     assert acceptance_test(props, logits, top_t=2).tolist()[0][2] is True
+
+
+def masses(*levels: int) -> torch.Tensor:
+    """Logits (256,) of equal probability on ``levels`` and none elsewhere (float64)."""
+    logits = torch.full((256,), -1e4, dtype=torch.float64)
+    logits[list(levels)] = 0.0
+    return logits
+
+
+def test_mean_rule_values_and_rounding():
+    # one-hot: its own value, for every level
+    onehot = torch.stack([masses(v) for v in range(256)])
+    assert torch.equal(apply_rule(onehot, "mean"), torch.arange(256))
+    # equal masses: the midpoint, rounded half to even (torch.round): 11.5 -> 12, 12.5 -> 12
+    assert int(apply_rule(masses(10, 13), "mean")) == 12
+    assert int(apply_rule(masses(12, 13), "mean")) == 12
+    assert int(apply_rule(masses(0, 3), "mean")) == 2  # 1.5 -> 2
+    assert int(apply_rule(masses(0, 255), "mean")) == 128  # 127.5 -> 128
+    # a float32 distribution gives the same mean as its float64 copy
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 256, generator=g)
+    assert torch.equal(apply_rule(logits, "mean"), apply_rule(logits.double(), "mean"))
+
+
+def test_argmax_and_median_rules():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 7, 256, generator=g)
+    assert torch.equal(apply_rule(logits, "argmax"), logits.argmax(-1))  # unchanged
+    assert int(apply_rule(masses(10, 13, 200), "median")) == 13
+    assert int(apply_rule(masses(7), "median")) == 7
+    skew = masses(0, 1, 2, 250)  # a far tail moves the mean, not the median
+    assert int(apply_rule(skew, "median")) == 1
+    assert int(apply_rule(skew, "mean")) == 63  # 253 / 4 = 63.25
+
+
+@pytest.mark.parametrize("epsilon", [0, 2, 5])
+def test_distance_acceptance_under_the_mean_rule(epsilon):
+    """rule(base) is 12 here (masses at 10 and 13 ... mean 11.5, rounded to 12)."""
+    base = masses(10, 13)[None, None].float()
+    at = torch.tensor([[12 + epsilon]])
+    beyond = torch.tensor([[12 + epsilon + 1]])
+    below = torch.tensor([[12 - epsilon - 1]])
+    assert acceptance_test(at, base, epsilon, rule="mean").item() is True
+    assert acceptance_test(beyond, base, epsilon, rule="mean").item() is False
+    assert acceptance_test(below, base, epsilon, rule="mean").item() is False
+    # under argmax the same base chooses 10 (the first of two equal maxima)
+    assert acceptance_test(torch.tensor([[10 + epsilon]]), base, epsilon, rule="argmax").item()
+
+
+def test_refine_from_verify_takes_the_verify_predictions():
+    from bpd_sr.decoding import refine_from_verify
+
+    k = 4
+    base = torch.full((2, k, 256), -1e4)
+    choices = torch.tensor([[5, 6, 7, 8], [50, 60, 70, 80]])
+    base.scatter_(2, choices[..., None], 0.0)
+    heads = torch.tensor([[1, 1, 1, 1], [2, 2, 2, 2]])
+    old = torch.tensor([[5, 9, 0, 0], [50, 50, 60, 70]])
+    n_ok = torch.tensor([0, 3])
+    # row 0: proposal 1 (9) missed base choice 5 by 4 levels; with max_miss 4, new slot i >= 1
+    # (target n + 1 + i) takes the verify prediction for that target (6, 7, 8); slot 0 stays
+    # the base's own token; row 1 accepted everything: unchanged
+    out = refine_from_verify(heads, old, base, n_ok, max_miss=4, rule="argmax")
+    assert out.tolist() == [[1, 6, 7, 8], [2, 2, 2, 2]]
+    out = refine_from_verify(heads, old, base, torch.tensor([1, 3]), max_miss=10, rule="argmax")
+    assert out.tolist()[0] == [1, 7, 8, 1]  # n_ok = 1: two slots have a verify prediction
+    out = refine_from_verify(heads, old, base, n_ok, max_miss=3, rule="argmax")
+    assert out.tolist() == heads.tolist()  # missed by more than max_miss: heads kept

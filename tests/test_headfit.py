@@ -22,16 +22,18 @@ def decoded():
     torch.manual_seed(0)
     model = ImageTransformer(ModelConfig.preset("tiny", k=4)).double().eval()
     lr = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8)
-    return model, lr, greedy_decode(model, lr).images
+    # argmax: a random tiny model's expected intensities are all near 127 (its distributions
+    # are flat), which leaves nothing to learn; the rule's plumbing is tested below
+    return model, lr, greedy_decode(model, lr, rule="argmax").images
 
 
 def test_cached_states_give_the_exact_acceptance_of_real_decoding(decoded):
     model, lr, images = decoded
     data = decode_states(model, lr, images, progress=False)
-    stats = head_agreement(model, data)
+    stats = head_agreement(model, data, rule="argmax")
     assert stats["agree_exact"][0] == 1.0  # slot 0 is the base: it reproduces greedy
     assert 0 < stats["base_top1_prob"] < stats["base_mass_eps2"] <= 1
-    real = blockwise_parallel_decode(model, lr, k=4, epsilon=0)
+    real = blockwise_parallel_decode(model, lr, k=4, epsilon=0, rule="argmax")
     assert torch.equal(real.images, images)
     assert stats["exact_block"] == pytest.approx(real.mean_accepted, abs=1e-4)
 
@@ -40,20 +42,49 @@ def test_fit_heads_changes_only_the_heads_and_raises_agreement(decoded):
     model, lr, images = decoded
     model = ImageTransformer(model.cfg)  # float32: fitting runs as it does for real
     model.load_state_dict(decoded[0].state_dict())
-    images = greedy_decode(model, lr).images
+    images = greedy_decode(model, lr, rule="argmax").images
     data = decode_states(model, lr, images, progress=False)
-    before = head_agreement(model, data)
+    before = head_agreement(model, data, rule="argmax")
     frozen = {n: p.clone() for n, p in model.named_parameters() if not n.startswith("heads.")}
     heads = {n: p.clone() for n, p in model.named_parameters() if n.startswith("heads.")}
     history = fit_heads(model, data, data, steps=150, batch_images=3, positions=512,
-                        lr=3e-3, warmup_steps=10, eval_every=150, progress=False)
+                        lr=3e-3, warmup_steps=10, eval_every=150, progress=False, rule="argmax")
     after = history[-1]
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert any(not torch.equal(p, heads[n]) for n, p in model.named_parameters() if n in heads)
     gain = np.mean(after["agree_exact"][1:]) - np.mean(before["agree_exact"][1:])
     assert gain > 0.01, (before, after)
     assert after["exact_block"] > before["exact_block"]
-    assert torch.equal(greedy_decode(model, lr).images, images)  # the base is untouched
+    assert torch.equal(greedy_decode(model, lr, rule="argmax").images, images)  # base untouched
+
+
+def test_mean_rule_agreement_and_value_loss(decoded):
+    """Under the mean rule the states of mean decodes reproduce them in slot 0, and the
+    value loss trains the heads' expected intensities toward the decoded tokens."""
+    from bpd_sr.rules import expected_intensity
+
+    model, lr, _ = decoded
+    model = ImageTransformer(model.cfg)
+    model.load_state_dict(decoded[0].state_dict())
+    images = greedy_decode(model, lr, rule="mean").images
+    data = decode_states(model, lr, images, progress=False)
+    assert head_agreement(model, data, rule="mean")["agree_exact"][0] == 1.0
+
+    def value_error():
+        from bpd_sr.headfit import _slot_logits, _targets
+
+        idx = torch.arange(len(data))
+        pos = torch.arange(3072).expand(len(idx), -1)
+        with torch.no_grad():
+            logits = _slot_logits(model, data, idx, pos, 4)[:, :, 1:]
+        tgt, valid = _targets(data, idx, pos, 4)
+        err = (expected_intensity(logits) - tgt[:, :, 1:]).abs()[valid[:, :, 1:]]
+        return float(err.mean())
+
+    before = value_error()
+    fit_heads(model, data, None, steps=60, batch_images=3, positions=512, lr=3e-3,
+              warmup_steps=5, progress=False, rule="mean", value_loss_weight=1.0)
+    assert value_error() < before
 
 
 def test_fit_heads_command_resumes_decodes_and_writes_a_loadable_checkpoint(tmp_path):
@@ -65,7 +96,9 @@ def test_fit_heads_command_resumes_decodes_and_writes_a_loadable_checkpoint(tmp_
     out = tmp_path / "run"
     out.mkdir()
     # a run killed after its first batch of decodes left them here; they must be reused
-    np.savez(out / "decodes.npz.partial.npz", images=np.full((2, 32, 32, 3), 7, np.uint8))
+    # (decodes made with another decoding rule must not: test_distill_cache_keeps_its_rule)
+    np.savez(out / "decodes.npz.partial.npz", images=np.full((2, 32, 32, 3), 7, np.uint8),
+             rule=np.array("mean"))
     args = ["fit-heads", "--data", str(faces), "--init", str(base), "--out", str(out),
             "--k", "3", "--n-faces", "5", "--n-val", "2", "--decode-batch", "2",
             "--steps", "4", "--batch-images", "2", "--positions", "64", "--eval-every", "2",
@@ -107,3 +140,18 @@ def test_warm_start_with_another_k_keeps_the_base_and_starts_new_heads(tmp_path)
     assert other.cfg.k == 2 and ckpt["model_config"]["k"] == 4
     assert torch.equal(other.out_proj.weight, src.out_proj.weight.bfloat16().float())
     assert other.heads.fc.weight.shape != src.heads.fc.weight.shape
+
+
+def test_distill_cache_keeps_its_rule(tmp_path):
+    """Cached decodes are reused only by a run with the same decoding rule."""
+    from bpd_sr.train import distill_targets
+
+    torch.manual_seed(0)
+    model = ImageTransformer(ModelConfig.preset("tiny")).eval()
+    faces = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    cache = tmp_path / "decodes.npz"
+    np.savez(cache, images=np.full((2, 32, 32, 3), 7, np.uint8), rule=np.array("argmax"))
+    assert (distill_targets(model, faces, cache, progress=False, rule="argmax") == 7).all()
+    fresh = distill_targets(model, faces, cache, progress=False, rule="mean")
+    assert not (fresh == 7).all()
+    assert str(np.load(cache)["rule"]) == "mean"
