@@ -144,6 +144,42 @@ def fit_heads_command(quiet: bool, **kwargs) -> None:
     click.echo(f"checkpoint: {path}")
 
 
+@main.command("fit-cond")
+@click.option("--data", required=True, help="Training faces (npz, shards, image folder or CelebA root).")
+@click.option("--init", required=True, help="Checkpoint whose conditioning net is replaced.")
+@click.option("--out", default="runs/cond", show_default=True,
+              help="Run folder: last.pt (resumable), log.jsonl, cond.pt.")
+@click.option("--width", type=int, default=96, show_default=True, help="Channels of the net.")
+@click.option("--blocks", type=int, default=6, show_default=True, help="Residual blocks at 8x8.")
+@click.option("--head", type=click.Choice(["gaussian", "logits"]), default="gaussian",
+              show_default=True, help="gaussian: a mean and a scale per colour (smooth, cheap); "
+                                      "logits: 256 free logits per colour.")
+@click.option("--steps", type=int, default=4000, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--value-loss-weight", type=float, default=0.05, show_default=True,
+              help="Weight of a Huber loss on the expected intensity beside the cross-entropy.")
+@click.option("--n-val", type=int, default=256, show_default=True,
+              help="Training faces held out to report PSNR of the net alone.")
+@click.option("--eval-every", type=int, default=500, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@one_line_errors
+def fit_cond_command(resume: bool, quiet: bool, **kwargs) -> None:
+    """Pretrain a wider, deeper conditioning net alone (cheap on a CPU); the rest of the
+    model is kept. Its logits are added to the decoder's and to every proposal slot's, so a
+    sharp one makes the base more decided and the proposals better. Fine-tune the decoder
+    with it afterwards (bpd-sr train --regime finetune --init out/cond.pt)."""
+    from .condfit import CondFitConfig, CondFitError, run
+
+    try:
+        path = run(CondFitConfig(**kwargs), resume=resume, progress=not quiet)
+    except CondFitError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"checkpoint: {path}")
+
+
 @main.command("prepare-celeba")
 @click.argument("root", type=click.Path())
 @click.argument("out_dir", type=click.Path())

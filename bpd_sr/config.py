@@ -54,6 +54,8 @@ class ModelConfig:
     head_d_ff: int = 256  # hidden units per proposal slot (the paper: d_ff, i.e. k*d_ff in all)
     identity_first_slot: bool = True  # slot 0 is the base model itself: heads leave it unchanged
     cond_channels: int = 64  # width of the conditioning conv net (Dahl et al. 2017); 0 = none
+    cond_blocks: int = 2  # its residual blocks at 8x8 (bpd-sr fit-cond trains a deeper one)
+    cond_head: str = "logits"  # "logits" (256 per colour) or "gaussian" (mu, sigma per colour)
     lr_input_embedding: bool = True  # embed the low-res intensity each target comes from
 
     def __post_init__(self) -> None:

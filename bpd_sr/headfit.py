@@ -205,7 +205,7 @@ def fit_heads(
         target = tgt[:, :, 1:].flatten()
         per_token = F.cross_entropy(logits, target, reduction="none")
         if rule == "mean" and value_loss_weight > 0:
-            value = expected_intensity(logits).float()
+            value = expected_intensity(logits, torch.float32)
             per_token = per_token + value_loss_weight * F.huber_loss(
                 value, target.float(), reduction="none", delta=2.0)
         w = valid[:, :, 1:].flatten().float()

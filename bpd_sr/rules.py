@@ -33,10 +33,11 @@ def check_rule(rule: str) -> str:
     return rule
 
 
-def expected_intensity(logits: torch.Tensor) -> torch.Tensor:
-    """sum_i i * softmax(logits)_i in float64 (..., 256) -> (...), differentiable."""
-    probs = torch.softmax(logits.double(), dim=-1)
-    levels = torch.arange(N_INTENSITIES, dtype=torch.float64, device=logits.device)
+def expected_intensity(logits: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """sum_i i * softmax(logits)_i (..., 256) -> (...), differentiable; computed in ``dtype``
+    (float64 for decoding, where it decides a rounding; float32 is enough for a loss)."""
+    probs = torch.softmax(logits.to(dtype), dim=-1)
+    levels = torch.arange(N_INTENSITIES, dtype=dtype, device=logits.device)
     return probs @ levels
 
 

@@ -1,0 +1,105 @@
+"""The conditioning net pretrained alone (bpd_sr.condfit): its Gaussian head, the command,
+resume, and that only the conditioning net changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bpd_sr.cli import main
+from bpd_sr.config import ModelConfig
+from bpd_sr.model import ConditioningNet, ImageTransformer
+from bpd_sr.pretrained import load_checkpoint, load_pretrained, save_checkpoint
+from bpd_sr.rules import apply_rule
+
+
+def test_gaussian_head_is_a_discretised_gaussian():
+    torch.manual_seed(0)
+    net = ConditioningNet(8, 1, head="gaussian").double()
+    with torch.no_grad():
+        net.out.weight.normal_(0, 0.05)
+        net.out.bias.normal_(0, 0.3)
+    lr = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    logits = net(lr)  # (2, 3072, 256)
+    assert logits.shape == (2, 3072, 256)
+    # recompute mu and sigma the slow way and compare with -(i - mu)^2 / (2 sigma^2)
+    x = lr.permute(0, 3, 1, 2).double()
+    y = net.stem(x / 127.5 - 1.0)
+    for block in net.res:
+        y = y + block(y)
+    y = net.out(net.up(y))
+    mu = x.repeat_interleave(4, 2).repeat_interleave(4, 3) + 32.0 * y[:, :3]
+    sigma = 8.0 * torch.exp(y[:, 3:].clamp(-2.8, 3.0))
+    mu = mu.permute(0, 2, 3, 1).reshape(2, 3072, 1)
+    sigma = sigma.permute(0, 2, 3, 1).reshape(2, 3072, 1)
+    ref = -0.5 * ((torch.arange(256.0, dtype=torch.float64) - mu) / sigma) ** 2
+    assert torch.allclose(logits, ref, atol=1e-6)
+    # its expected intensity is mu (rounded) where mu is well inside the range
+    inside = ((mu > 40) & (mu < 215) & (sigma < 10))[..., 0]
+    assert inside.any()
+    assert torch.equal(apply_rule(logits, "mean")[inside], torch.round(mu[..., 0][inside]).long())
+
+
+def test_a_new_gaussian_net_starts_at_the_input_pixel():
+    net = ConditioningNet(8, 1, head="gaussian")
+    # away from 0 and 255, where the range cuts the Gaussian (sigma 8) and biases its mean
+    lr = torch.randint(40, 216, (1, 8, 8, 3), dtype=torch.uint8)
+    img = apply_rule(net(lr), "mean").view(1, 32, 32, 3)
+    nearest = lr.repeat_interleave(4, 1).repeat_interleave(4, 2).long()
+    assert torch.equal(img, nearest)
+
+
+def test_old_checkpoints_keep_their_conditioning_net(tmp_path):
+    cfg = ModelConfig.preset("tiny").to_dict()
+    for key in ("cond_blocks", "cond_head"):  # fields a checkpoint from before them lacks
+        cfg.pop(key)
+    assert ModelConfig.from_dict(cfg).cond_blocks == 2
+    assert ModelConfig.from_dict(cfg).cond_head == "logits"
+
+
+def test_fit_cond_changes_only_the_conditioning_net_and_resumes(tmp_path):
+    rng = np.random.default_rng(0)
+    faces = tmp_path / "faces.npz"
+    blocks = np.repeat(np.repeat(rng.integers(40, 200, (12, 8, 8, 3)), 4, 1), 4, 2)
+    noisy = blocks + rng.integers(-6, 7, blocks.shape)  # not exactly the input upsampled
+    np.savez(faces, images=noisy.clip(0, 255).astype(np.uint8))
+    torch.manual_seed(0)
+    init = save_checkpoint(tmp_path / "init.pt", ImageTransformer(ModelConfig.preset("tiny", k=2)))
+    out = tmp_path / "run"
+    args = ["fit-cond", "--data", faces, "--init", init, "--out", out, "--width", "8",
+            "--blocks", "1", "--batch-size", "4", "--n-val", "4", "--eval-every", "3", "--quiet"]
+    res = CliRunner().invoke(main, [str(a) for a in args + ["--steps", "3"]])
+    assert res.exit_code == 0, res.output
+    # the same folder again without --resume: refused, nothing overwritten
+    res = CliRunner().invoke(main, [str(a) for a in args + ["--steps", "3"]])
+    assert res.exit_code != 0 and "--resume" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, [str(a) for a in ["fit-cond", "--data", faces, "--init", init,
+                                                     "--out", out, "--resume", "--quiet"]])
+    assert res.exit_code == 0, res.output  # resumes a finished run: nothing to do, same file
+    model = load_pretrained(out / "cond.pt")
+    assert model.cfg.cond_head == "gaussian" and model.cfg.cond_channels == 8
+    base = load_pretrained(init)
+    for name, p in base.state_dict().items():
+        if not name.startswith("cond."):
+            assert torch.equal(p, model.state_dict()[name]), name
+    log = load_checkpoint(out / "cond.pt")["about"]["log"]
+    assert [e["step"] for e in log] == [3]
+    assert 0 < log[0]["val_psnr"] < 100
+
+
+def test_fit_cond_bad_settings_are_one_line(tmp_path):
+    init = save_checkpoint(tmp_path / "init.pt", ImageTransformer(ModelConfig.preset("tiny")))
+    res = CliRunner().invoke(main, ["fit-cond", "--data", "x.npz", "--init", str(init),
+                                    "--out", str(tmp_path / "r"), "--resume"])
+    assert res.exit_code != 0 and "nothing to resume" in res.output
+
+
+@pytest.mark.parametrize("head", ["logits", "gaussian"])
+def test_both_heads_plug_into_the_model(head):
+    torch.manual_seed(0)
+    model = ImageTransformer(ModelConfig.preset("tiny", k=2, cond_head=head, cond_blocks=3)).eval()
+    lr = torch.randint(0, 256, (1, 8, 8, 3), dtype=torch.uint8)
+    assert model.conditioning_logits(lr).shape == (1, 3072 + 2, 256)
+    assert len(model.cond.res) == 3
