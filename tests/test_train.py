@@ -144,3 +144,31 @@ def test_torchrun_two_cpu_processes(faces, tmp_path):
     assert ck["step"] == 2
     assert ck["log"][-1]["images_per_s"] > 0
     assert ck["log"][-1]["world_size"] == 2
+
+
+def test_gpu_finetune_script_runs_on_the_cpu(tmp_path):
+    """The one-shot device script (docs/training/gpu_finetune.sh) end to end with a tiny
+    model, a few seconds of training and two test faces: what a GPU session runs as it is."""
+    import json
+
+    from bpd_sr.pretrained import load_pretrained, save_checkpoint
+    from tests.conftest import tiny_model
+
+    root = Path(__file__).resolve().parents[1]
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", images=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8))
+    np.savez(tmp_path / "test.npz", images=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+    init = save_checkpoint(tmp_path / "init.pt", tiny_model(k=2, dtype=torch.float32))
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), RUNS=str(tmp_path / "runs"), BS="4", K="2",
+               DATA=str(tmp_path / "train.npz"), TEST=str(tmp_path / "test.npz"), NEVAL="2",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               OMP_NUM_THREADS="1")
+    res = subprocess.run(["bash", str(root / "docs/training/gpu_finetune.sh"), "0.03", str(init)],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    for name in ("default.pt", "log.jsonl", "eval.json", "eval.txt", "run.txt"):
+        assert (out / name).is_file(), name
+    assert load_pretrained(out / "default.pt").cfg.k == 2
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    assert "sequential (mean)" in [r["method"] for r in rows]
