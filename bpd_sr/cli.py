@@ -240,9 +240,11 @@ def _decode_one(model, lr, greedy: bool, k: int | None, epsilon: int, temperatur
 @click.option("-r", "--recursive", is_flag=True, help="Look for images in subfolders too.")
 @click.option("--suffix", default="_x4", show_default=True, help="Added to each output's name.")
 @click.option("--k", type=int, default=None, help="Proposals per step (default: all the model has).")
-@click.option("--epsilon", type=int, default=2, show_default=True,
+@click.option("--epsilon", type=click.IntRange(0, 255), default=2, show_default=True,
               help="Accept a proposal within this many intensity levels of the base model's "
-                   "choice; 0 = exact (output identical to greedy).")
+                   "choice. 0 = exact: the algorithm reproduces sequential decoding with the "
+                   "same --rule; in float32 a near-tie can still round the other way (measured: "
+                   "README, Exactness).")
 @click.option("--greedy", is_flag=True, help="Plain sequential decoding, one token per step (slow).")
 @click.option("--rule", type=click.Choice(RULES), default=DEFAULT_RULE, show_default=True,
               help=RULE_HELP)
