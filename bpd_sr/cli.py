@@ -387,9 +387,10 @@ def _write_json(path: str, obj) -> None:
 @click.option("--rule", "rules", default=DEFAULT_RULE, show_default=True,
               help="Comma-separated decoding rules (mean, argmax, median); every deterministic "
                    "row is decoded with each.")
-@click.option("--refine", type=click.IntRange(0, 255), default=None,
-              help="Blockwise rows: take next proposals from the verify pass where the first "
-                   "rejected proposal missed by at most this many levels.")
+@click.option("--refine", type=click.IntRange(0, 255), default=255, show_default=True,
+              help="Blockwise rows: after a partial acceptance, take the next proposals from the "
+                   "verify pass where the first rejected proposal missed by at most this many "
+                   "levels (255: always; 0: never, the paper's proposals).")
 @click.option("--limit", type=int, default=None, help="Use the first N faces.")
 @click.option("--temperature", "temperatures", default="", help="Also sample at these "
               "temperatures (comma-separated), plainly and blockwise with each k.")
@@ -448,7 +449,7 @@ def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, see
                 res = sample_decode(model, batch, temp, gen, rule=rule or DEFAULT_RULE)
                 calls += res.model_calls * len(batch)  # one call per token, per image
             else:
-                extra = {"rule": rule, "refine": refine} if temp == 0 else {}
+                extra = {"rule": rule, "refine": refine or None} if temp == 0 else {}
                 res = blockwise_parallel_decode(model, batch, k=k, epsilon=eps, temperature=temp,
                                                 generator=gen, **extra)
                 calls += sum(len(a) + 1 for a in res.accepted)

@@ -222,7 +222,7 @@ def blockwise_parallel_decode(
     min_block: int = 1,
     proposer: Proposer | None = None,
     rule: str = DEFAULT_RULE,
-    refine: int | None = None,
+    refine: int | None = 255,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     n_tokens: int = N_HR_TOKENS,
@@ -239,7 +239,10 @@ def blockwise_parallel_decode(
     README, "Exactness").
     refine: after a partial acceptance, take the next proposals from the verify pass itself
     where the first rejected proposal was within ``refine`` levels of the base's choice
-    (Jacobi-style; ``refine_from_verify``). It changes only which tokens are proposed.
+    (Jacobi-style; ``refine_from_verify``); 255 (the default): always, None: never. It
+    changes only which tokens are proposed, never what exact acceptance outputs; measured
+    1.82 -> 2.57 tokens per step with the shipped heads (README, "Levers"). Not used when
+    sampling, whose proposals must be draws from the heads.
     temperature > 0: exact sampling at that temperature (speculative sampling; the
     proposals are drawn from the heads, ``generator`` makes it reproducible).
     n_tokens: decode only the first n tokens (the rest stay 0; for tests).
@@ -253,8 +256,7 @@ def blockwise_parallel_decode(
         raise ValueError(f"epsilon must be >= 0, got {epsilon}")
     check_rule(rule)
     sampling = temperature > 0
-    if sampling and (epsilon or top_t is not None or min_block > 1 or proposer is not None
-                     or refine is not None):
+    if sampling and (epsilon or top_t is not None or min_block > 1 or proposer is not None):
         raise ValueError("sampling (temperature > 0) uses its own exact acceptance rule")
     proposer = proposer or rule_proposer(rule)
     t0 = time.perf_counter()
@@ -328,7 +330,7 @@ def blockwise_parallel_decode(
         old_proposals = live.proposals
         live.proposals, live.q = propose(live, model.logits(live.ctx, h_last, pos_last, k)[:, 0],
                                          first)
-        if refine is not None:
+        if refine is not None and not sampling:
             live.proposals = refine_from_verify(live.proposals, old_proposals, base, n_ok,
                                                 refine, rule)
 
@@ -339,6 +341,8 @@ def blockwise_parallel_decode(
             live = _Batch(rows[keep], live.n[keep], live.proposals[keep],
                           live.q[keep] if live.q is not None else None, ctx_all.select(rows[keep]))
 
+    tokens[:, n_tokens:] = 0  # the scratch tail past the last token: "the rest stay 0"
+    step_of[:, n_tokens:] = 0
     return _result(tokens, step_of, acc, n_steps.tolist(), calls, t0)
 
 
