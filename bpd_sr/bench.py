@@ -32,7 +32,6 @@ PAPER_TABLE2 = {
     "finetune_exact": {6: 2.23},
     "finetune_eps2": {2: 1.96, 4: 3.75, 6: 5.25, 8: 6.36, 10: 6.79},
 }
-PAPER_SPEEDUP_K6 = 4.0  # wall-clock over greedy at k = 6 (epsilon = 2, fine-tuned)
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:

@@ -18,23 +18,12 @@ RULE_HELP = ("Decoding rule: the intensity taken from each 256-way distribution.
 
 # Errors that are the user's to fix; anything else is a bug and keeps its traceback.
 def _user_errors() -> tuple[type[Exception], ...]:
+    from .data import DataError
+    from .imageio import ImageError
     from .pretrained import CheckpointError
     from .train import TrainError
 
-    errors: list[type[Exception]] = [CheckpointError, TrainError]
-    try:
-        from .data import DataError
-
-        errors.append(DataError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from .imageio import ImageError
-
-        errors.append(ImageError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+    return CheckpointError, TrainError, DataError, ImageError
 
 
 def one_line_errors(fn):
@@ -92,7 +81,7 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
 def train_command(resume: bool, quiet: bool, **kwargs) -> None:
-    """Train a model (single process, or many with torchrun -m bpd_sr.train)."""
+    """Train a model (single process, or many with torchrun -m bpd_sr train)."""
     from .train import train
 
     cfg = TrainConfig(**kwargs)

@@ -171,14 +171,3 @@ class HeadFitConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HeadFitConfig:
         return _from_dict(cls, d)
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    """How to decode: greedy when ``k == 1`` and no temperature, otherwise blockwise."""
-
-    k: int = 10
-    epsilon: int = 0  # distance acceptance: |proposal - base argmax| <= epsilon intensity levels
-    top_t: int | None = None  # top-t acceptance: proposal among the base's t best
-    min_block: int = 1  # section 5.3: accept at least this many tokens per step
-    temperature: float = 0.0

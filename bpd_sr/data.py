@@ -49,7 +49,6 @@ __all__ = [
     "celeba_box",
     "open_faces",
     "prepare_celeba",
-    "split_indices",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -470,21 +469,3 @@ def prepare_celeba(
         if ours(stale) and stale not in keep:
             stale.unlink()
     return written
-
-
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A deterministic random split of range(n) for held-out evaluation during training.
-
-    Returns (train_idx, val_idx), int64 arrays, each sorted, disjoint, together range(n).
-    The validation size is round(n * val_fraction), clamped to at most n - 1 and (when n >= 2
-    and val_fraction > 0) at least 1, so rounding alone never empties either side.
-    """
-    if n < 0:
-        raise DataError(f"n must be non-negative, got {n}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    n_val = min(_round_half_up(n * val_fraction), max(n - 1, 0))
-    if val_fraction > 0 and n >= 2:
-        n_val = max(n_val, 1)
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)

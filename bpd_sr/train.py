@@ -13,7 +13,7 @@ Loss: cross-entropy of the base slot, plus the mean cross-entropy of the proposa
 their offsets (or one random slot per batch, the paper's option), plus the auxiliary
 cross-entropy of the conditioning logits (Dahl et al. 2017).
 
-Runs on one process or many (``torchrun --nproc-per-node N -m bpd_sr.train ...``; gloo on
+Runs on one process or many (``torchrun --nproc-per-node N -m bpd_sr train ...``; gloo on
 CPU, nccl on GPU; rank 0 logs and saves). Checkpoints hold the model config, the train
 config, the step, the optimizer and the RNG state; they are written atomically every
 ``ckpt_minutes`` and at the end, and ``--resume`` continues a killed run. The batch order is
@@ -373,7 +373,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     return last
 
 
-if __name__ == "__main__":  # torchrun --nproc-per-node N -m bpd_sr.train ...
-    from .cli import train_command
-
-    train_command(prog_name="python -m bpd_sr.train")
+if __name__ == "__main__":
+    # The library never imports the command line (click); say where training starts instead.
+    raise SystemExit("bpd_sr.train is a library module: run `python -m bpd_sr train ...` "
+                     "(with torchrun: `torchrun --nproc-per-node N -m bpd_sr train ...`).")

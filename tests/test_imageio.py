@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image
 
 from bpd_sr.imageio import (
     IMAGE_EXTENSIONS,
@@ -197,10 +197,6 @@ def test_reference_32() -> None:
 
 
 # ----------------------------------------------------------------------------- read errors
-
-
-def test_load_truncated_images_stays_false() -> None:
-    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
 def test_missing_file(tmp_path: Path) -> None:
