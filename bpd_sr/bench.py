@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from .atomic import write_atomic
 from .config import DEFAULT_RULE
 from .decoding import DecodeResult, blockwise_parallel_decode, greedy_decode
 from .metrics import quality, upscale_bicubic, upscale_lanczos
@@ -258,7 +259,7 @@ def plot(result: dict, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 

@@ -12,10 +12,10 @@ from bpd_sr.data import (
     DataError,
     FolderFaces,
     NpzFaces,
-    celeba_box,
     open_faces,
     prepare_celeba,
 )
+from bpd_sr.framing import celeba_box
 
 INSIDE = (200, 40, 90)
 OUTSIDE = (20, 210, 30)

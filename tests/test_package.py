@@ -85,6 +85,16 @@ def test_every_definition_is_used():
     assert not unused, f"defined but never used: {unused}"
 
 
+def test_one_atomic_writer():
+    """Every file is written by bpd_sr.atomic: no module renames temporary files itself."""
+    for path in LIBRARY:
+        if path.name == "atomic.py":
+            continue
+        text = path.read_text()
+        for call in ("os.replace(", "mkstemp(", ".write_text(", ".write_bytes(", "savefig(path"):
+            assert call not in text, f"{path.name} writes with {call}"
+
+
 # pip name -> import name, where they differ
 _IMPORT_NAME = {"pillow": "PIL", "scikit-image": "skimage"}
 

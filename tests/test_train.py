@@ -208,3 +208,29 @@ def test_gpu_finetune_script_runs_on_the_cpu(tmp_path):
     assert load_pretrained(out / "default.pt").cfg.k == 2
     rows = json.loads((out / "eval.json").read_text())["rows"]
     assert "sequential (mean)" in [r["method"] for r in rows]
+
+
+def test_a_checkpoint_of_another_version_resumes(faces, tmp_path, capsys):
+    """An older version saved a training setting this one does not know (num_workers):
+    resuming used to raise a traceback; now the setting is dropped with a note."""
+    train(cfg(faces, tmp_path, max_steps=2), progress=False)
+    state = load_checkpoint(tmp_path / "last.pt")
+    state["train_config"]["num_workers"] = 4
+    torch.save(state, tmp_path / "last.pt")
+    train(cfg(faces, tmp_path, max_steps=4), resume=True, progress=False)
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 4
+    assert "ignoring settings of another bpd-sr version: num_workers" in capsys.readouterr().out
+
+
+def test_resuming_what_cannot_be_resumed_is_one_line(faces, tmp_path):
+    from click.testing import CliRunner
+
+    from bpd_sr.cli import main
+    from bpd_sr.pretrained import save_checkpoint
+    from tests.conftest import tiny_model
+
+    save_checkpoint(tmp_path / "last.pt", tiny_model(k=1, dtype=torch.float32))  # no optimizer
+    res = CliRunner().invoke(main, ["train", "--data", str(faces), "--preset", "tiny",
+                                    "--out", str(tmp_path), "--resume", "--quiet"])
+    assert res.exit_code != 0 and "cannot be resumed" in res.output
+    assert len(res.output.strip().splitlines()) == 1
