@@ -26,7 +26,7 @@ from .metrics import quality, upscale_bicubic, upscale_lanczos
 from .model import ImageTransformer
 from .tokens import BOS, downsample, previous_token_inputs
 
-# Stern et al. 2018, Table 2 (CelebA dev, mean accepted block size), as quoted in GUIDE.md:
+# Stern et al. 2018, Table 2 (CelebA dev, mean accepted block size; docs/method.md):
 # the fine-tuned model with epsilon = 2 for every k; with exact acceptance only its peak
 # (2.23 at k = 6) is quoted; a frozen base with exact acceptance stays <= 1.10.
 PAPER_TABLE2 = {

@@ -1,6 +1,6 @@
 """Image quality (PSNR / SSIM) and interpolation baselines.
 
-Conventions (GUIDE section 4), so that numbers compare with other super-resolution work:
+Conventions (docs/method.md, "Metrics"), so that numbers compare with other super-resolution work:
 
 - Inputs are uint8 RGB (32, 32, 3); the metrics are computed on all three channels together,
   with **no border shave** (at 32x32 a shave would drop a large share of the image).

@@ -95,6 +95,19 @@ def test_one_atomic_writer():
             assert call not in text, f"{path.name} writes with {call}"
 
 
+def test_the_project_stands_alone():
+    """The code cites docs/ in this repository, never a guide that is not in it, and every
+    docs/ file it cites exists."""
+    texts = [*LIBRARY, *ROOT.glob("tests/*.py"), ROOT / "notebooks" / "make_notebook.py",
+             ROOT / "README.md"]
+    guide = "GUI" + "DE"  # spelt apart, so that this file does not cite it either
+    for path in texts:
+        text = path.read_text()
+        assert guide not in text, f"{path.name} cites a design guide outside the repository"
+        for cited in re.findall(r"docs/[\w./-]+\.md", text):
+            assert (ROOT / cited).is_file(), f"{path.name} cites {cited}, which is missing"
+
+
 # pip name -> import name, where they differ
 _IMPORT_NAME = {"pillow": "PIL", "scikit-image": "skimage"}
 
