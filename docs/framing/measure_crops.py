@@ -5,7 +5,7 @@ against each crop's own 32x32 original (what `--compare` shows as "original").
 usage: python docs/framing/measure_crops.py PHOTO_FOLDER OUT_JSON
 (run: python docs/framing/measure_crops.py ../shared/data/faces/samples docs/framing/crops.json)
 Runs `bpd-sr upscale FOLDER -o TMP/<crop> --crop <crop> -q` for each crop (the shipped
-weights, default k and epsilon, one thread), then compares every result with the ground
+weights, default rule, k and epsilon, one thread), then compares every result with the ground
 truth; bicubic upscaling of each crop's 8x8 input is the baseline.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bpd_sr import DEFAULT_RULE, load_pretrained
 from bpd_sr.framing import area_resize, frame
 from bpd_sr.imageio import read_image, reference_32, to_model_input
 from bpd_sr.metrics import psnr, upscale_bicubic
@@ -25,6 +26,7 @@ folder, out_json = Path(sys.argv[1]), Path(sys.argv[2])
 photos = sorted(folder.glob("*.png"))
 truth = {p.name: area_resize(frame(read_image(p), "celeba")[0], 32) for p in photos}
 result = {"photos": len(photos), "command": "bpd-sr upscale FOLDER -o OUT --crop CROP -q",
+          "decoding": {"rule": DEFAULT_RULE, "k": load_pretrained().cfg.k, "epsilon": 2},
           "crops": {}}
 with tempfile.TemporaryDirectory() as tmp:
     for crop in ("celeba", "centre"):
