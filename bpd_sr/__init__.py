@@ -1,7 +1,7 @@
 """bpd-sr: 8x8 -> 32x32 face super-resolution with an Image Transformer, made fast by
 blockwise parallel decoding (Stern, Shazeer and Uszkoreit, NeurIPS 2018, arXiv 1811.03115)."""
 
-from .config import DecodeConfig, ModelConfig, TrainConfig
+from .config import ModelConfig, TrainConfig
 from .decoding import DecodeResult, blockwise_parallel_decode, greedy_decode, sample_decode
 from .model import ImageTransformer
 from .rules import DEFAULT_RULE, RULES, apply_rule
@@ -10,7 +10,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_RULE",
-    "DecodeConfig",
     "DecodeResult",
     "ImageTransformer",
     "ModelConfig",

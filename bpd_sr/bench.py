@@ -19,20 +19,20 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from .atomic import write_atomic
 from .config import DEFAULT_RULE
 from .decoding import DecodeResult, blockwise_parallel_decode, greedy_decode
 from .metrics import quality, upscale_bicubic, upscale_lanczos
 from .model import ImageTransformer
 from .tokens import BOS, downsample, previous_token_inputs
 
-# Stern et al. 2018, Table 2 (CelebA dev, mean accepted block size), as quoted in GUIDE.md:
+# Stern et al. 2018, Table 2 (CelebA dev, mean accepted block size; docs/method.md):
 # the fine-tuned model with epsilon = 2 for every k; with exact acceptance only its peak
 # (2.23 at k = 6) is quoted; a frozen base with exact acceptance stays <= 1.10.
 PAPER_TABLE2 = {
     "finetune_exact": {6: 2.23},
     "finetune_eps2": {2: 1.96, 4: 3.75, 6: 5.25, 8: 6.36, 10: 6.79},
 }
-PAPER_SPEEDUP_K6 = 4.0  # wall-clock over greedy at k = 6 (epsilon = 2, fine-tuned)
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -259,7 +259,7 @@ def plot(result: dict, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 

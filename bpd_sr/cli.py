@@ -9,6 +9,7 @@ import sys
 import click
 
 from .config import DEFAULT_RULE, MODEL_PRESETS, TrainConfig
+from .framing import CROPS
 from .rules import RULES
 
 RULE_HELP = ("Decoding rule: the intensity taken from each 256-way distribution. mean: the "
@@ -18,23 +19,12 @@ RULE_HELP = ("Decoding rule: the intensity taken from each 256-way distribution.
 
 # Errors that are the user's to fix; anything else is a bug and keeps its traceback.
 def _user_errors() -> tuple[type[Exception], ...]:
+    from .data import DataError
+    from .imageio import ImageError
     from .pretrained import CheckpointError
     from .train import TrainError
 
-    errors: list[type[Exception]] = [CheckpointError, TrainError]
-    try:
-        from .data import DataError
-
-        errors.append(DataError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from .imageio import ImageError
-
-        errors.append(ImageError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+    return CheckpointError, TrainError, DataError, ImageError
 
 
 def one_line_errors(fn):
@@ -92,7 +82,7 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
 def train_command(resume: bool, quiet: bool, **kwargs) -> None:
-    """Train a model (single process, or many with torchrun -m bpd_sr.train)."""
+    """Train a model (single process, or many with torchrun -m bpd_sr train)."""
     from .train import train
 
     cfg = TrainConfig(**kwargs)
@@ -220,26 +210,28 @@ def _load_model(checkpoint: str | None, device: str):
     return load_pretrained(checkpoint, device=device)
 
 
-def _decode_one(model, lr, greedy: bool, k: int | None, epsilon: int, temperature: float = 0.0,
-                generator=None, rule: str = DEFAULT_RULE):
-    from .decoding import blockwise_parallel_decode, greedy_decode, sample_decode
+CROP_HELP = ("How a photo is framed into the model's square. The model learnt faces framed "
+             "like aligned CelebA's training crop: a square from the top of the hair to just "
+             "below the chin, the eyes a little above the middle. auto: that crop (138x138 at "
+             "row 40, column 20) for aligned CelebA photos (178x218, or the same shape), the "
+             "centre square otherwise; celeba, centre: always that one. For any other photo, "
+             "crop it to such a square first.")
 
-    if temperature > 0:
-        if greedy:
-            return sample_decode(model, lr, temperature, generator)
-        return blockwise_parallel_decode(model, lr, k=k, temperature=temperature, generator=generator)
-    if greedy:
-        return greedy_decode(model, lr, rule=rule)
-    return blockwise_parallel_decode(model, lr, k=k, epsilon=epsilon, rule=rule)
+LEGEND = ("per input: the files written; steps = decoding steps, tokens/step = mean accepted "
+          "block (3072 tokens per image; 1.00 = one token per step, like greedy), model calls "
+          "= decoder passes, seconds = decoding time")
 
 
 @main.command("upscale")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
-              help="Folder for the outputs (created if needed). Default: beside each input.")
+              help="Folder for the outputs (created if needed), keeping the inputs' folder "
+                   "structure under it. Default: beside each input.")
 @click.option("-r", "--recursive", is_flag=True, help="Look for images in subfolders too.")
 @click.option("--suffix", default="_x4", show_default=True, help="Added to each output's name.")
-@click.option("--k", type=int, default=None, help="Proposals per step (default: all the model has).")
+@click.option("--crop", type=click.Choice(CROPS), default="auto", show_default=True, help=CROP_HELP)
+@click.option("--k", type=click.IntRange(1, None), default=None,
+              help="Proposals per step (default: all the model has).")
 @click.option("--epsilon", type=click.IntRange(0, 255), default=2, show_default=True,
               help="Accept a proposal within this many intensity levels of the base model's "
                    "choice. 0 = exact: the algorithm reproduces sequential decoding with the "
@@ -252,17 +244,18 @@ def _decode_one(model, lr, greedy: bool, k: int | None, epsilon: int, temperatur
               help="A checkpoint to use instead of the shipped weights.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",
               show_default=True)
-@click.option("--compare", is_flag=True, help="Also write <name>_compare.png: input (nearest) | "
-              "bicubic | bpd-sr | original (when the input was larger than 8x8).")
-@click.option("--heatmap", is_flag=True, help="Also write <name>_heatmap.png: the accepted block "
-              "length of the step that produced each pixel.")
-@click.option("--preview-scale", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Enlarge every written image by this factor (nearest neighbour).")
+@click.option("--compare", is_flag=True, help="Also write <name>_compare.png: input | bicubic | "
+              "bpd-sr | original (when the input was larger than 8x8), enlarged and labelled.")
+@click.option("--heatmap", is_flag=True, help="Also write <name>_heatmap.png: the result beside "
+              "the accepted block length of the step that produced each pixel, with a colour bar.")
+@click.option("--preview-scale", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Enlargement of the --compare and --heatmap pictures (nearest neighbour). "
+                   "The result itself is always 32x32.")
 @click.option("--temperature", type=click.FloatRange(0, None), default=0.0, show_default=True,
               help="Sample at this temperature instead of decoding greedily (0.8-0.9 look most "
                    "real). Exact: proposals are kept by the speculative-sampling rule.")
-@click.option("--samples", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="With --temperature: this many different samples of each input.")
+@click.option("--samples", type=click.IntRange(1, 64), default=None,
+              help="With --temperature: this many different samples of each input [default: 1].")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the sampler: the same seed gives the same samples.")
 @click.option("--threads", type=click.IntRange(1, None), default=1, show_default=True,
@@ -270,86 +263,80 @@ def _decode_one(model, lr, greedy: bool, k: int | None, epsilon: int, temperatur
                    "which more threads only slow down (measured: README, Results).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @one_line_errors
-def upscale_command(paths, out_dir, recursive, suffix, k, epsilon, greedy, rule, checkpoint, device,
-                    compare, heatmap, preview_scale, temperature, samples, seed, threads,
+def upscale_command(paths, out_dir, recursive, suffix, crop, k, epsilon, greedy, rule,
+                    checkpoint, device, compare, heatmap, preview_scale, temperature,
+                    samples, seed, threads,
                     quiet) -> None:
     """Upscale face images to 32x32 (4x from 8x8).
 
-    PATHS are image files or folders. An input that is not 8x8 is centre-cropped to a square
-    and area-resized to 8x8 first (a notice says so); the model then decodes the 32x32 face.
+    PATHS are image files or folders. An input that is not 8x8 is framed (see --crop:
+    aligned CelebA photos get the training crop, others are centre-cropped to a square) and
+    area-resized to 8x8 first (a notice says so); the model then decodes the 32x32 face.
     Outputs are PNGs named <stem><suffix>.png, beside the input or in --output; an input is
-    never overwritten and every file is written atomically. A bad file is reported and
-    skipped; the exit code is then 1.
+    never overwritten, two inputs that would write the same file are refused before
+    decoding, files this tool wrote are skipped, and every file is written atomically. A bad
+    file is reported and skipped; the exit code is then 1.
     """
     from pathlib import Path
 
-    import numpy as np
+    from . import imageio, outputs
+    from .upscale import DecodeSettings, upscale_file
+
+    if samples is not None and temperature == 0:
+        raise click.UsageError("--samples needs --temperature: greedy and blockwise decoding "
+                               "give one result per input")
+    settings = DecodeSettings(greedy, k, epsilon, temperature, seed, rule)
+    # 1. inputs, and the names of every output, before any decoding
+    found = imageio.find_images(list(paths), recursive)
+    if found.skipped and not quiet:
+        click.echo(f"skipped {len(found.skipped)} file(s) that bpd-sr wrote itself")
+    plans, refused = outputs.plan_outputs(found.files, found.relative,
+                                          Path(out_dir) if out_dir else None, suffix,
+                                          samples or 1, heatmap, compare)
+    failed = found.errors + refused
+    if not plans:
+        _report_failures(failed)
+        raise click.ClickException("no images to upscale")
+    # 2. the model
+    model = _upscale_model(checkpoint, device, threads, k)
+    # 3. each input: read, decode, write
+    if not quiet:
+        click.echo(LEGEND)
+    for path, names in plans.items():
+        try:
+            done = upscale_file(model, path, names, settings, crop, 32 * preview_scale)
+        except _user_errors() as e:
+            failed.append((path, str(e)))
+            continue
+        if not quiet:
+            for notice in done.notices:
+                click.echo(f"{path}: {notice}")
+            click.echo(f"{path} -> {', '.join(map(str, done.written))}: {done.steps} steps, "
+                       f"{done.tokens_per_step:.2f} tokens/step, {done.model_calls} model calls, "
+                       f"{done.seconds:.1f} s")
+    if failed:
+        _report_failures(failed)
+        sys.exit(1)
+
+
+def _upscale_model(checkpoint: str | None, device: str, threads: int, k: int | None):
+    """The model to upscale with, on its device; --k checked against its proposal slots."""
     import torch
 
-    from . import imageio, metrics, viz
-
-    torch.manual_seed(seed)
-    files, errors = imageio.find_images(list(paths), recursive)
-    out = Path(out_dir) if out_dir else None
-    if out is not None:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise click.ClickException(f"cannot create output folder {out}: {e.strerror}") from None
-    if not files:
-        for path, why in errors:
-            click.echo(f"bpd-sr: error: {path}: {why}", err=True)
-        raise click.ClickException("no images to upscale")
     device = pick_device(device)
     if device == "cpu":
         torch.set_num_threads(threads)
     model = _load_model(checkpoint, device)
-    if k is not None and not 1 <= k <= model.cfg.k:
+    if k is not None and k > model.cfg.k:
         raise click.ClickException(f"--k must be in 1..{model.cfg.k} for this model")
-    failed = list(errors)
+    return model
 
-    def save(path: Path, img: np.ndarray) -> None:
-        imageio.write_image_atomic(path, viz.enlarge(img, preview_scale) if preview_scale > 1 else img)
 
-    for path in files:
-        try:
-            img = imageio.read_image(path)
-            lr_np, notice = imageio.to_model_input(img)
-            if notice and not quiet:
-                click.echo(f"{path}: {notice}")
-            target = imageio.output_path(path, out, suffix)
-            n_samples = samples if temperature > 0 else 1
-            outputs = []
-            for i in range(n_samples):
-                generator = torch.Generator().manual_seed(seed * 1000 + i)
-                res = _decode_one(model, torch.from_numpy(lr_np)[None], greedy, k, epsilon,
-                                  temperature, generator, rule)
-                name = target if n_samples == 1 else target.with_name(f"{target.stem}_s{i}.png")
-                sr = res.images[0].numpy()
-                save(name, sr)
-                outputs.append(sr)
-                if heatmap:
-                    amap = viz.accepted_length_map(res.accepted[0], res.step_index[0])
-                    kk = model.cfg.k if k is None else k
-                    save(name.with_name(name.stem + "_heatmap.png"), viz.colormap(amap, 1, kk))
-                if not quiet:
-                    acc = res.accepted[0]
-                    click.echo(f"{path} -> {name}: {len(acc)} steps, mean accepted block "
-                               f"{acc.float().mean():.2f}, {res.model_calls} model calls, "
-                               f"{res.seconds:.1f} s")
-            if compare:
-                panels = [viz.enlarge(lr_np, 4), metrics.upscale_bicubic(lr_np[None])[0], *outputs]
-                ref = imageio.reference_32(img)
-                if ref is not None and max(img.shape[:2]) > 8:
-                    panels.append(ref)
-                save(target.with_name(target.stem + "_compare.png"), viz.strip(panels, 32, gap=1))
-        except _user_errors() as e:
-            failed.append((path, str(e)))
+def _report_failures(failed: list) -> None:
     if failed:
         click.echo(f"bpd-sr: {len(failed)} input(s) failed:", err=True)
         for path, why in failed:
             click.echo(f"  {path}: {why}", err=True)
-        sys.exit(1)
 
 
 def _parse_ints(text: str) -> list[int]:
@@ -370,14 +357,12 @@ def _parse_rules(text: str) -> list[str]:
 
 def _write_json(path: str, obj) -> None:
     import json
-    import os
     from pathlib import Path
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, p)
+    from .atomic import write_atomic
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 @main.command("evaluate")
@@ -519,8 +504,9 @@ def _q(q: dict, bicubic: dict) -> dict:
 
 
 @main.command("benchmark")
-@click.option("--data", type=click.Path(), default="../shared/data/faces/test_32.npz",
-              show_default=True, help="Faces to decode (npz, folder or CelebA root).")
+@click.option("--data", type=click.Path(), required=True,
+              help="Faces to decode: an npz of 32x32 faces, a folder of face images (e.g. "
+                   "data/examples) or a CelebA root.")
 @click.option("--limit", type=int, default=16, show_default=True, help="Faces for the batch-1 table.")
 @click.option("--k", "ks", default="2,4,6,8,10", show_default=True)
 @click.option("--epsilon", "epsilons", default="0,2", show_default=True)
@@ -537,13 +523,16 @@ def _q(q: dict, bicubic: dict) -> dict:
 @click.option("--checkpoint", type=click.Path(), default=None)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="benchmark",
               show_default=True, help="Folder for benchmark.json, table.md and plots.png.")
+@click.option("--plots/--no-plots", default=True, show_default=True,
+              help="Draw plots.png (needs matplotlib).")
 @click.option("-q", "--quiet", is_flag=True)
 @one_line_errors
-def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures, sampling_k, step_costs,
-                      step_repeats, checkpoint, out_dir, quiet):
+def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures, sampling_k,
+                      step_costs, step_repeats, checkpoint, out_dir, plots, quiet):
     """Reproduce the paper's Table 2 on this machine: mean accepted block size, model calls,
     seconds per image at batch 1 and speed-up over cached greedy decoding (timed in the same
-    run), PSNR / SSIM; then throughput at larger batches. Writes JSON, Markdown and a plot."""
+    run), PSNR / SSIM; then throughput at larger batches for greedy and every --k and
+    --epsilon. Writes JSON, Markdown and (with matplotlib) a plot, each atomically."""
     import platform
     from pathlib import Path
 
@@ -551,7 +540,15 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures
     from tqdm import tqdm
 
     from . import bench
+    from .atomic import write_atomic
     from .data import load_faces
+
+    if plots:  # before an hour of decoding, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.ClickException("plots.png needs matplotlib, which is not installed: "
+                                       "pip install matplotlib, or use --no-plots") from None
 
     model = _load_model(checkpoint, "cpu")
     result: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -572,7 +569,9 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures
     temps = [float(t) for t in temperatures.split(",") if t.strip()]
     if temps:
         result["sampling"] = bench.sampling_table(model, hr[:limit], temps, _parse_ints(sampling_k))
-    result["throughput"] = bench.throughput(model, hr, _parse_ints(batch_sizes), rule=rule)
+    configs = [(1, 0)] + [(k, e) for k in _parse_ints(ks) for e in _parse_ints(epsilons)]
+    result["throughput"] = bench.throughput(model, hr, _parse_ints(batch_sizes), configs,
+                                          rule=rule)
     out = Path(out_dir)
     _write_json(str(out / "benchmark.json"), result)
     md = bench.markdown_table(result["table"])
@@ -585,14 +584,14 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures
                    f"| {r['temperature']} | {r['k'] if r['k'] > 1 else '1 (plain)'} | {r['mean_accepted']:.2f} | "
                    f"{r['seconds_per_image']:.2f} | {r['speedup']:.2f}x | {r['psnr']:.2f} | {r['ssim']:.3f} |"
                    for r in result["sampling"]) + "\n")
-    (out / "table.md").write_text(md)
-    try:
+    write_atomic(out / "table.md", lambda f: f.write(md.encode()))
+    written = ["benchmark.json", "table.md"]
+    if plots:
         bench.plot(result["table"], str(out / "plots.png"))
-    except ImportError:
-        click.echo("matplotlib is not installed: no plots.png", err=True)
+        written.append("plots.png")
     if not quiet:
         click.echo(md)
-        click.echo(f"wrote {out}/benchmark.json, table.md, plots.png")
+        click.echo(f"wrote {', '.join(str(out / name) for name in written)}")
 
 
 @main.command("export")

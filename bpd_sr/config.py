@@ -25,12 +25,17 @@ DEFAULT_RULE = "mean"
 
 
 def _from_dict(cls, d: dict[str, Any]):
-    """Build dataclass ``cls`` from ``d``, refusing unknown keys (a checkpoint of another kind)."""
-    names = {f.name for f in fields(cls)}
-    unknown = set(d) - names
+    """Build dataclass ``cls`` from ``d``, refusing unknown keys (a checkpoint of another kind
+    or version); missing keys take their defaults."""
+    unknown = unknown_fields(cls, d)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        raise ValueError(f"unknown {cls.__name__} settings {', '.join(unknown)}")
     return cls(**d)
+
+
+def unknown_fields(cls, d: dict[str, Any]) -> list[str]:
+    """The keys of ``d`` that are not fields of dataclass ``cls``, sorted."""
+    return sorted(set(d) - {f.name for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,14 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         return _from_dict(cls, d)
 
+    @classmethod
+    def from_saved(cls, d: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
+        """The config of a checkpoint written by this or another version of bpd-sr, and the
+        settings it holds that this version does not know (dropped: they described how an
+        older or newer version ran, e.g. ``num_workers``, not what the model is)."""
+        unknown = unknown_fields(cls, d)
+        return cls(**{k: v for k, v in d.items() if k not in unknown}), unknown
+
 
 @dataclass
 class HeadFitConfig:
@@ -171,14 +184,3 @@ class HeadFitConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HeadFitConfig:
         return _from_dict(cls, d)
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    """How to decode: greedy when ``k == 1`` and no temperature, otherwise blockwise."""
-
-    k: int = 10
-    epsilon: int = 0  # distance acceptance: |proposal - base argmax| <= epsilon intensity levels
-    top_t: int | None = None  # top-t acceptance: proposal among the base's t best
-    min_block: int = 1  # section 5.3: accept at least this many tokens per step
-    temperature: float = 0.0

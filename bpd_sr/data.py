@@ -4,17 +4,22 @@ Every dataset here yields the 32x32 *target*: a uint8 tensor (32, 32, 3), RGB. T
 input is made from it by the trainer with ``bpd_sr.tokens.downsample`` (a 4x4 area mean).
 
 Crop protocol (tensor2tensor ``Img2imgCeleba``, the problem used by both the Image Transformer,
-Parmar et al. 2018, and blockwise parallel decoding, Stern et al. 2018, section 6): decode the
-178x218 aligned CelebA image (``img_align_celeba``) to RGB, crop the 138x138 square
-box=(left=20, top=40, right=158, bottom=178), i.e. row 40, column 20, then area-resize it to
-32x32 with ``PIL.Image.resize(..., Image.BOX)``. Aligned images of another size (some copies
-are 89x109) get the same box scaled proportionally: 89x109 -> (10, 20, 79, 89).
+Parmar et al. 2018, and blockwise parallel decoding, Stern et al. 2018, section 6; see
+docs/method.md, "Data"): decode the 178x218 aligned CelebA image (``img_align_celeba``) to RGB,
+crop the 138x138 square box=(left=20, top=40, right=158, bottom=178), i.e. row 40, column 20,
+then area-resize it to 32x32 with ``PIL.Image.resize(..., Image.BOX)``. Aligned images of
+another size (some copies are 89x109) get the same box scaled proportionally:
+89x109 -> (10, 20, 79, 89). The geometry lives in ``bpd_sr.framing`` and files are read by
+``bpd_sr.imageio``, the same code ``upscale`` uses, so training and upscaling see the same
+pixels from the same file.
 
 Sources:
 
 - ``NpzFaces``: ``.npz`` arrays ``images`` uint8 (N, 32, 32, 3), already cropped (the shared
   data's format, and what ``prepare_celeba`` writes), one file or a folder of shards.
-- ``FolderFaces``: any folder of face images: centre-square crop, area resize to 32x32.
+- ``FolderFaces``: any folder of face images, framed like ``upscale`` frames them (the
+  training crop for aligned CelebA-shaped photos, the centre square otherwise), area
+  resized to 32x32.
 - ``CelebAFaces``: CelebA in its own (torchvision) layout, cropped as above.
 - ``open_faces`` picks one of these from what a path is.
 
@@ -23,38 +28,30 @@ Nothing here downloads anything: see ``data/README.md`` for getting CelebA.
 
 from __future__ import annotations
 
-import math
 import os
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .atomic import write_atomic
 from .config import CHANNELS, HR_SIZE
+from .framing import area_resize, frame
+from .imageio import IMAGE_EXTENSIONS, ImageError, is_image_name, list_images, read_image
 
 __all__ = [
-    "CELEBA_BOX",
-    "CELEBA_SIZE",
-    "IMAGE_EXTENSIONS",
     "CelebAFaces",
     "DataError",
     "FolderFaces",
     "NpzFaces",
-    "celeba_box",
     "open_faces",
     "prepare_celeba",
-    "split_indices",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-CELEBA_SIZE = (178, 218)  # (width, height) of an img_align_celeba image
-CELEBA_BOX = (20, 40, 158, 178)  # (left, top, right, bottom): 138x138 at row 40, column 20
 CELEBA_SPLITS = {"train": 0, "valid": 1, "test": 2}
 _TARGET_SHAPE = (HR_SIZE, HR_SIZE, CHANNELS)
 
@@ -163,107 +160,42 @@ class NpzFaces(Dataset):
 # --------------------------------------------------------------------------- image files
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow image -> 8-bit RGB. Transparency is composited on white; 16-bit and float
-    greyscale are rescaled to 0..255 rather than clipped (Pillow's own convert clips)."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(img).astype(np.float64)
-        if img.mode == "F" and a.size and a.max() <= 1.0:
-            a = a * 255.0
-        elif img.mode != "F" and a.size and a.max() > 255:
-            a = a / 257.0  # 16-bit range 0..65535 -> 0..255
-        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        img.mode == "P" and "transparency" in img.info
-    ):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if img.mode == "L" and "transparency" in img.info:
-        return _to_rgb(img.convert("LA"))
-    return img.convert("RGB")
-
-
-def _read_image(path: Path) -> Image.Image:
-    """Decode a file to RGB (EXIF orientation applied), with a one-line DataError on failure."""
+def _read_face(path: Path, crop: str) -> torch.Tensor:
+    """An image file, framed (``bpd_sr.framing``) and area-resized: uint8 (32, 32, 3).
+    DataError (one line) when it cannot be read."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: cannot read image ({e})") from e
-
-
-def _resize_to_target(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image (already cropped) -> uint8 (32, 32, 3) by area resize."""
-    small = img.resize((HR_SIZE, HR_SIZE), Image.BOX)
-    return torch.from_numpy(np.array(small, dtype=np.uint8))
-
-
-def _is_image_file(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-
-
-def _list_images(root: Path, recursive: bool) -> list[Path]:
-    if recursive:
-        found = (
-            p
-            for p in root.rglob("*")
-            # Skip hidden files and folders (.git, macOS "._x.jpg" resource forks).
-            if not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
-    else:
-        found = root.iterdir()
-    return sorted(p for p in found if _is_image_file(p))
+        img = read_image(path)
+    except ImageError as e:
+        raise DataError(str(e)) from e
+    return torch.from_numpy(area_resize(frame(img, crop)[0], HR_SIZE))
 
 
 class FolderFaces(Dataset):
     """A folder of face images of any size and mode: item i is uint8 (32, 32, 3).
 
-    Each image is decoded to RGB (RGBA composited on white, EXIF rotation applied), cropped to
-    its centre square, and area-resized (Image.BOX) to 32x32. Files are those with an image
-    extension (png jpg jpeg bmp webp tif tiff, any case), sorted by path; hidden ones skipped.
+    Each image is read by ``bpd_sr.imageio.read_image`` (RGBA composited on white, EXIF
+    rotation applied), framed as ``upscale`` frames it (``bpd_sr.framing``, crop "auto"), and
+    area-resized (Image.BOX) to 32x32. Files are those with an image extension
+    (``imageio.IMAGE_EXTENSIONS``, any case), sorted by path; hidden ones skipped.
     """
 
     def __init__(self, root: str | os.PathLike, recursive: bool = True):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: not a folder")
-        self.files = _list_images(self.root, recursive)
+        self.files = list_images(self.root, recursive)
         if not self.files:
-            raise DataError(f"{self.root}: no image files ({' '.join(IMAGE_EXTENSIONS)})")
+            raise DataError(f"{self.root}: no image files ({' '.join(sorted(IMAGE_EXTENSIONS))})")
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         """uint8 (32, 32, 3)."""
-        img = _read_image(self.files[i])
-        w, h = img.size
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        return _resize_to_target(img.crop((left, top, left + side, top + side)))
+        return _read_face(self.files[i], "auto")
 
 
 # --------------------------------------------------------------------------- CelebA
-
-
-def _round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
-
-
-def celeba_box(width: int, height: int) -> tuple[int, int, int, int]:
-    """The Img2imgCeleba crop box (left, top, right, bottom) for an aligned image of this size:
-    (20, 40, 158, 178) at 178x218, scaled proportionally otherwise (89x109 -> (10, 20, 79, 89))."""
-    sx, sy = width / CELEBA_SIZE[0], height / CELEBA_SIZE[1]
-    left, top, right, bottom = CELEBA_BOX
-    return (
-        _round_half_up(left * sx),
-        _round_half_up(top * sy),
-        _round_half_up(right * sx),
-        _round_half_up(bottom * sy),
-    )
 
 
 def _find_celeba(root: Path) -> tuple[Path, Path] | None:
@@ -278,7 +210,7 @@ def _find_celeba(root: Path) -> tuple[Path, Path] | None:
         return None
     # The Kaggle zip nests the images one level deeper: img_align_celeba/img_align_celeba/*.jpg.
     nested = image_dir / "img_align_celeba"
-    if nested.is_dir() and not any(_is_image_file(p) for p in image_dir.iterdir()):
+    if nested.is_dir() and not any((is_image_name(p) and p.is_file()) for p in image_dir.iterdir()):
         image_dir = nested
     return image_dir, base
 
@@ -328,7 +260,7 @@ class CelebAFaces(Dataset):
         if found is None:
             raise DataError(f"{self.root}: no img_align_celeba folder here or under celeba/")
         self.image_dir, base = found
-        files = sorted(p for p in self.image_dir.iterdir() if _is_image_file(p))
+        files = sorted(p for p in self.image_dir.iterdir() if (is_image_name(p) and p.is_file()))
         if not files:
             raise DataError(f"{self.image_dir}: no images")
         if split != "all":
@@ -350,8 +282,7 @@ class CelebAFaces(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         """uint8 (32, 32, 3)."""
-        img = _read_image(self.files[i])
-        return _resize_to_target(img.crop(celeba_box(*img.size)))
+        return _read_face(self.files[i], "celeba")
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -381,7 +312,7 @@ def open_faces(
         return CelebAFaces(p, split)
     if any(q.is_file() for q in p.glob("*.npz")):
         return NpzFaces(p, exclude_source=exclude_source)
-    if _list_images(p, recursive=True):
+    if list_images(p, recursive=True):
         return FolderFaces(p, recursive=True)
     raise DataError(f"{p}: no .npz files, CelebA img_align_celeba folder or images found")
 
@@ -405,15 +336,9 @@ def load_faces(
 
 
 def write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez_compressed to a temporary file in the same folder, then os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object: savez would append .npz to a name
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """np.savez_compressed, atomically (``bpd_sr.atomic``)."""
+    # a file object: savez would append .npz to a name
+    write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def prepare_celeba(
@@ -470,21 +395,3 @@ def prepare_celeba(
         if ours(stale) and stale not in keep:
             stale.unlink()
     return written
-
-
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A deterministic random split of range(n) for held-out evaluation during training.
-
-    Returns (train_idx, val_idx), int64 arrays, each sorted, disjoint, together range(n).
-    The validation size is round(n * val_fraction), clamped to at most n - 1 and (when n >= 2
-    and val_fraction > 0) at least 1, so rounding alone never empties either side.
-    """
-    if n < 0:
-        raise DataError(f"n must be non-negative, got {n}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    n_val = min(_round_half_up(n * val_fraction), max(n - 1, 0))
-    if val_fraction > 0 and n >= 2:
-        n_val = max(n_val, 1)
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)

@@ -193,9 +193,6 @@ def rule_proposer(rule: str = DEFAULT_RULE) -> Proposer:
     return propose
 
 
-propose_argmax = rule_proposer("argmax")
-
-
 @dataclass
 class _Batch:
     """The live part of a blockwise decode: images that are not finished yet.

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .atomic import write_atomic
 from .config import DEFAULT_RULE, N_HR_TOKENS, HeadFitConfig
 from .data import load_faces
 from .model import EncoderContext, ImageTransformer
@@ -270,8 +271,8 @@ def run(cfg: HeadFitConfig, progress: bool = True) -> Path:
                          seed=cfg.seed, eval_every=cfg.eval_every, log=log, progress=progress,
                          rule=cfg.rule, value_loss_weight=cfg.value_loss_weight)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "log.jsonl", "w") as f:
-        f.writelines(json.dumps(e) + "\n" for e in history)
+    log_text = "".join(json.dumps(e) + "\n" for e in history)
+    write_atomic(out / "log.jsonl", lambda f: f.write(log_text.encode()))
     about = {"head_fit_config": cfg.to_dict(), "log": history,
              "base": ckpt.get("about", {}) or {"train_config": ckpt.get("train_config")}}
     return save_checkpoint(out / "heads.pt", model, extra={"about": about})

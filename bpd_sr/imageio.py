@@ -1,10 +1,15 @@
-"""Read any image file robustly, write outputs atomically (GUIDE section 4).
+"""The one image reader and writer of bpd-sr (docs/method.md, "Inputs"): ``upscale``,
+``train`` and ``evaluate`` see the same pixels from the same file.
 
 Input policy: whatever the file holds (RGBA, grayscale, palette, 16-bit, CMYK, EXIF-rotated,
-any size) becomes uint8 RGB (H, W, 3). The model takes 8x8, so an image that is not 8x8 is
-centre-square cropped (the largest centred square) and area-resized (PIL ``Image.BOX``) to
-8x8, with a one-line notice saying so. Transparent pixels are composited over white.
-Embedded ICC profiles are ignored: values are taken as sRGB.
+animated, any size) becomes uint8 RGB (H, W, 3). The model takes 8x8, so an image that is not
+8x8 is framed (``bpd_sr.framing``: the training crop for aligned CelebA photos, the centre
+square otherwise) and area-resized (PIL ``Image.BOX``) to 8x8, with a one-line notice saying
+so. Transparent pixels are composited over white. Embedded ICC profiles are ignored: values
+are taken as sRGB. Of an animated image, the first frame is used.
+
+Every output carries the PNG text ``Software: bpd-sr``, so that a later run over the same
+folder leaves this tool's own outputs alone (``find_images``).
 
 User errors (missing, empty, corrupt or truncated files, decompression bombs, unwritable
 outputs) raise ``ImageError`` with a one-line message that names the path, so the CLI can
@@ -14,12 +19,15 @@ print it and go on with the next file instead of showing a traceback.
 from __future__ import annotations
 
 import os
-import uuid
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from .atomic import write_atomic
+from .framing import area_resize, frame
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -36,6 +44,9 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
 _INT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
+SOFTWARE = "bpd-sr"  # the PNG "Software" text of every output: how a later run knows them
+
+
 class ImageError(ValueError):
     """A user-facing problem with an image file; ``str(err)`` is one line naming the path."""
 
@@ -47,7 +58,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as uint8 RGB (H, W, 3), fully decoded.
+    """Read an image file as uint8 RGB (H, W, 3), fully decoded (see ``read_input``)."""
+    return read_input(path)[0]
+
+
+def read_input(path: str | os.PathLike) -> tuple[np.ndarray, str | None]:
+    """Read an image file as uint8 RGB (H, W, 3), fully decoded, and a notice (one line, or
+    None) about what of the file was not used: the other frames of an animated image.
 
     Handles alpha (composited over white), grayscale, palette, 16-bit (scaled: 65535 -> 255),
     float (0..1 or 0..255), CMYK and EXIF orientation. Multi-frame files give their first frame.
@@ -75,8 +92,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         try:
             with Image.open(path) as img:
                 img.load()  # Image.open is lazy: force the full decode here, inside the try
+                frames = getattr(img, "n_frames", 1)
                 img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+                notice = None
+                if frames > 1:
+                    notice = f"{frames} frames (animated): the first frame is used"
+                return _to_rgb(img), notice
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageError(
                 f"cannot read {path}: image too large, refused as a possible decompression "
@@ -128,20 +149,6 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img, dtype=np.uint8)  # a copy, independent of the PIL image
 
 
-def _centre_square(img: np.ndarray) -> np.ndarray:
-    """(H, W, C) -> the largest centred square (S, S, C), S = min(H, W)."""
-    h, w = img.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    return img[top : top + side, left : left + side]
-
-
-def _area_resize(img: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (S, S, 3) -> uint8 (size, size, 3) with PIL's box (area-average) filter."""
-    pil = Image.fromarray(np.ascontiguousarray(img))
-    return np.asarray(pil.resize((size, size), Image.BOX), dtype=np.uint8).copy()
-
-
 def _check_rgb(img: np.ndarray, name: str = "img") -> None:
     if (
         not isinstance(img, np.ndarray)
@@ -155,22 +162,21 @@ def _check_rgb(img: np.ndarray, name: str = "img") -> None:
         raise ValueError(f"{name} is empty: {img.shape}")
 
 
-def to_model_input(img: np.ndarray) -> tuple[np.ndarray, str | None]:
+def to_model_input(img: np.ndarray, crop: str = "auto") -> tuple[np.ndarray, str | None]:
     """uint8 (H, W, 3) -> (uint8 (8, 8, 3), notice).
 
-    The policy for inputs that are not 8x8: centre-square crop, then area resize to 8x8.
-    ``notice`` is one line describing what was done, or None when the input was already 8x8.
-    Sizes in the notice are width x height, as image viewers show them.
+    The policy for inputs that are not 8x8: frame (``bpd_sr.framing``, ``crop`` auto, celeba
+    or centre), then area resize to 8x8. ``notice`` is one line describing what was done, or
+    None when the input was already 8x8. Sizes in the notice are width x height, as image
+    viewers show them. Raises ImageError for ``crop="celeba"`` on an image of another shape.
     """
     _check_rgb(img)
     h, w = img.shape[:2]
     if (h, w) == (LR_SIZE, LR_SIZE):
         return img.copy(), None
-    square = _centre_square(img)
-    side = square.shape[0]
-    steps = []
-    if h != w:
-        steps.append(f"centre-cropped to {side}x{side}")
+    square, what = _frame(img, crop)
+    side = min(square.shape[:2])
+    steps = [what] if what else []
     if side > LR_SIZE:
         steps.append(f"area-resized to {LR_SIZE}x{LR_SIZE}")
     elif side < LR_SIZE:
@@ -179,120 +185,133 @@ def to_model_input(img: np.ndarray) -> tuple[np.ndarray, str | None]:
             f"enlarged to {LR_SIZE}x{LR_SIZE} (box filter: it is smaller than the model's input)"
         )
     notice = f"input is {w}x{h}: " + " and ".join(steps)
-    return _area_resize(square, LR_SIZE), notice
+    return area_resize(square, LR_SIZE), notice
 
 
-def reference_32(img: np.ndarray) -> np.ndarray | None:
+def _frame(img: np.ndarray, crop: str) -> tuple[np.ndarray, str]:
+    try:
+        return frame(img, crop)
+    except ValueError as exc:
+        raise ImageError(f"cannot use --crop {crop}: {exc}") from None
+
+
+def reference_32(img: np.ndarray, crop: str = "auto") -> np.ndarray | None:
     """uint8 (H, W, 3) -> uint8 (32, 32, 3) or None.
 
-    The same centre-square crop as ``to_model_input``, area-resized to 32x32: what a perfect
-    upscaler would produce, shown as "original" beside the output. Needs a centre square of
-    at least 32x32 (a 32x32 input is its own reference); None for smaller inputs, since
-    enlarging them would invent a reference.
+    The same framing as ``to_model_input``, area-resized to 32x32: what a perfect upscaler
+    would produce, shown as "original" beside the output. Needs a crop of at least 32x32 (a
+    32x32 input is its own reference); None for smaller inputs, since enlarging them would
+    invent a reference.
     """
     _check_rgb(img)
-    square = _centre_square(img)
-    if square.shape[0] < HR_SIZE:
+    square, _ = _frame(img, crop)
+    if min(square.shape[:2]) < HR_SIZE:
         return None
-    if square.shape[0] == HR_SIZE:
+    if square.shape[:2] == (HR_SIZE, HR_SIZE):
         return square.copy()
-    return _area_resize(square, HR_SIZE)
+    return area_resize(square, HR_SIZE)
 
 
-def _is_image_name(path: Path) -> bool:
-    # Hidden files (macOS "._x.png" resource forks, editor temp files) are never images.
+def is_image_name(path: Path) -> bool:
+    """An image extension (case-insensitive), and not hidden: macOS "._x.png" resource forks
+    and editor temporary files are never images."""
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def find_images(
-    paths: list[str | os.PathLike], recursive: bool = False
-) -> tuple[list[Path], list[tuple[Path, str]]]:
+def list_images(folder: Path, recursive: bool) -> list[Path]:
+    """The image files of a folder (and of its subfolders when ``recursive``), sorted;
+    nothing under a hidden folder (.git, .cache)."""
+    found = folder.rglob("*") if recursive else folder.glob("*")
+    return sorted(
+        p for p in found
+        if is_image_name(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.is_file()
+    )
+
+
+def is_own_output(path: Path) -> bool:
+    """Whether this file was written by bpd-sr (its PNG text says so; see ``SOFTWARE``)."""
+    try:
+        with Image.open(path) as img:  # lazy: reads the header and text chunks, not the pixels
+            return str(img.info.get("Software", "")).split(" ")[0] == SOFTWARE
+    except Exception:  # not an image, unreadable: read_image will say why
+        return False
+
+
+@dataclass
+class FoundImages:
+    """What ``find_images`` found.
+
+    files: the images to read, in order. relative: each file's path relative to the folder
+    it was found in (its name when it was given directly), for mirroring folder trees.
+    errors: (path, one-line reason) for missing paths and folders without images.
+    skipped: files that bpd-sr wrote itself (a second run over a folder leaves them alone).
+    """
+
+    files: list[Path] = field(default_factory=list)
+    relative: list[Path] = field(default_factory=list)
+    errors: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+
+
+def find_images(paths: list[str | os.PathLike], recursive: bool = False) -> FoundImages:
     """Expand files and folders into image files.
 
     A file given explicitly is kept whatever its extension (``read_image`` judges it later).
     A folder contributes its files with an image extension (case-insensitive), sorted, and
-    those of its subfolders when ``recursive``. Returns (images, errors): errors are
-    (path, one-line reason) for missing paths and folders without images. Duplicates (the
-    same file reached twice) are kept once, in first-seen order.
+    those of its subfolders when ``recursive``. Files that bpd-sr wrote are skipped, given
+    directly or not (``is_own_output``). Duplicates (the same file reached twice) are kept
+    once, in first-seen order.
     """
-    found: list[Path] = []
-    errors: list[tuple[Path, str]] = []
+    res = FoundImages()
     seen: set[Path] = set()
 
-    def add(p: Path) -> None:
+    def add(p: Path, rel: Path) -> None:
         key = p.resolve()
-        if key not in seen:
-            seen.add(key)
-            found.append(p)
+        if key in seen:
+            return
+        seen.add(key)
+        if is_own_output(p):
+            res.skipped.append(p)
+        else:
+            res.files.append(p)
+            res.relative.append(rel)
 
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            pattern = path.rglob("*") if recursive else path.glob("*")
-            images = sorted(p for p in pattern if _is_image_name(p) and p.is_file())
+            images = list_images(path, recursive)
             if not images:
                 reason = "no image files in this folder"
-                if not recursive and any(
-                    _is_image_name(p) and p.is_file() for p in path.rglob("*")
-                ):
+                if not recursive and list_images(path, recursive=True):
                     reason += " (its subfolders have some: use the recursive option)"
-                errors.append((path, reason))
+                res.errors.append((path, reason))
             for p in images:
-                add(p)
+                add(p, p.relative_to(path))
         elif path.exists():
-            add(path)
+            add(path, Path(path.name))
         else:
-            errors.append((path, "no such file or folder"))
-    return found, errors
+            res.errors.append((path, "no such file or folder"))
+    return res
 
 
 def write_image_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Write uint8 (H, W, 3) to ``path`` atomically; the format follows the extension.
-
-    The data goes to a temporary file in the same folder, then ``os.replace`` renames it over
-    ``path``, so a crash or a full disk never leaves a half-written image. An unknown or
-    missing extension writes PNG. On failure the temporary file is removed and ImageError
-    is raised (e.g. "cannot write out/x.png: Permission denied").
+    """Write uint8 (H, W, 3) to ``path`` atomically (``bpd_sr.atomic``); the format follows
+    the extension, and an unknown or missing one writes PNG. A PNG carries the text
+    ``Software: bpd-sr``. On failure nothing is left behind and ImageError is raised (e.g.
+    "cannot write out/x.png: Permission denied").
     """
     _check_rgb(array, "array")
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
-    # Same folder, so the rename never crosses file systems; hidden so that a folder scan
-    # running at the same time skips it.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    extra = {}
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Software", SOFTWARE)
+        extra["pnginfo"] = info
+    pil = Image.fromarray(np.ascontiguousarray(array))
     try:
-        # 0o666 minus the umask: the final file gets the same permissions as any new file
-        # (tempfile.mkstemp would make it owner-only).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as exc:
-        raise ImageError(f"cannot write {path}: {exc.strerror or _one_line(exc)}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(array)).save(f, format=fmt)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:  # including KeyboardInterrupt: never leave the temp file
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, Exception):
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
-            raise ImageError(f"cannot write {path}: {reason}") from exc
-        raise
-
-
-def output_path(input_path: str | os.PathLike, out_dir: Path | None, suffix: str) -> Path:
-    """``<stem><suffix>.png`` beside the input, or in ``out_dir`` when given.
-
-    Raises ImageError when that would be the input file itself (inputs are never overwritten).
-    """
-    input_path = Path(input_path)
-    folder = Path(out_dir) if out_dir is not None else input_path.parent
-    out = folder / f"{input_path.stem}{suffix}.png"
-    if out.resolve() == input_path.resolve():
-        raise ImageError(
-            f"cannot write {out}: it would overwrite the input; give a suffix or an output folder"
-        )
-    return out
+        write_atomic(path, lambda f: pil.save(f, format=fmt, **extra))
+    except Exception as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
+        raise ImageError(f"cannot write {path}: {reason}") from exc

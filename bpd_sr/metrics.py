@@ -1,6 +1,6 @@
-"""Image quality (PSNR / SSIM), interpolation baselines and acceptance statistics.
+"""Image quality (PSNR / SSIM) and interpolation baselines.
 
-Conventions (GUIDE section 4), so that numbers compare with other super-resolution work:
+Conventions (docs/method.md, "Metrics"), so that numbers compare with other super-resolution work:
 
 - Inputs are uint8 RGB (32, 32, 3); the metrics are computed on all three channels together,
   with **no border shave** (at 32x32 a shave would drop a large share of the image).
@@ -13,14 +13,9 @@ Conventions (GUIDE section 4), so that numbers compare with other super-resoluti
   an inf is inf, which says plainly that some outputs were exact copies of the reference.
 
 Baselines: bicubic and Lanczos upscaling of the same 8x8 input with PIL ``Image.resize``.
-
-Acceptance (Stern et al. 2018, section 6): the mean accepted block size is the total number
-of tokens committed divided by the total number of decoding steps, over all images.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -123,58 +118,3 @@ def upscale_bicubic(lr: ArrayLike, scale: int = 4) -> np.ndarray:
 def upscale_lanczos(lr: ArrayLike, scale: int = 4) -> np.ndarray:
     """Lanczos baseline: uint8 (N, 8, 8, 3) -> uint8 (N, 32, 32, 3) (PIL Image.LANCZOS)."""
     return _upscale_pil(lr, scale, Image.LANCZOS)
-
-
-def upscale_nearest(img: ArrayLike, scale: int = 4) -> np.ndarray:
-    """Nearest-neighbour: (..., H, W, C) -> (..., H*scale, W*scale, C), same dtype.
-
-    Each input pixel becomes a scale x scale block: the honest picture of an 8x8 input.
-    """
-    img = _numpy(img)
-    if img.ndim < 3:
-        raise ValueError(f"expected (..., H, W, C), got {img.shape}")
-    if scale < 1:
-        raise ValueError(f"scale must be >= 1, got {scale}")
-    return np.repeat(np.repeat(img, scale, axis=-3), scale, axis=-2)
-
-
-def acceptance_stats(accepted: Sequence[ArrayLike]) -> dict:
-    """Statistics of blockwise parallel decoding from per-image accepted lengths.
-
-    ``accepted``: one 1-D int array per image, (steps_i,), the tokens committed by each
-    decoding step (``DecodeResult.accepted``). Every step commits at least one token.
-
-    Returns {
-      "mean_accepted": total tokens / total steps (the paper's mean accepted block size),
-      "steps_per_image": mean number of steps per image,
-      "steps": int64 (N,) steps of each image,
-      "total_tokens", "total_steps", "n_images", "max_accepted": ints,
-      "lengths": int64 (max_accepted,) = 1..max_accepted,
-      "histogram": int64 (max_accepted,), histogram[i] = steps that accepted i + 1 tokens,
-    }.
-    """
-    arrays = [_numpy(a).astype(np.int64).reshape(-1) for a in accepted]
-    if not arrays:
-        raise ValueError("acceptance_stats needs at least one image's accepted lengths")
-    steps = np.array([len(a) for a in arrays], dtype=np.int64)
-    if (steps == 0).any():
-        raise ValueError("an image has no decoding steps")
-    flat = np.concatenate(arrays)
-    if flat.min() < 1:
-        raise ValueError(
-            f"accepted lengths must be >= 1 (every step commits a token), got {flat.min()}"
-        )
-    max_len = int(flat.max())
-    # bincount's slot 0 counts zero-length steps, excluded above: drop it.
-    histogram = np.bincount(flat, minlength=max_len + 1)[1:].astype(np.int64)
-    return {
-        "mean_accepted": float(flat.sum() / flat.size),
-        "steps_per_image": float(steps.mean()),
-        "steps": steps,
-        "total_tokens": int(flat.sum()),
-        "total_steps": int(flat.size),
-        "n_images": len(arrays),
-        "max_accepted": max_len,
-        "lengths": np.arange(1, max_len + 1, dtype=np.int64),
-        "histogram": histogram,
-    }

@@ -285,6 +285,10 @@ class ProposalHeads(nn.Module):
 
     One feed-forward layer, hidden n_ff*head_d_ff, output n_ff*d_model, plus a residual from h
     into every slot. With ``identity_first_slot`` slot 0 is h itself (n_ff = k - 1).
+    The output layer starts at zero (``reset_parameters``), so new heads start as the
+    identity: every slot repeats the base model's prediction until training moves it
+    (Medusa initialises its heads the same way), instead of random proposals that a frozen
+    or warm-started base would first have to unlearn.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -294,6 +298,12 @@ class ProposalHeads(nn.Module):
         if self.n_ff_slots > 0:
             self.fc = nn.Linear(cfg.d_model, self.n_ff_slots * cfg.head_d_ff)
             self.proj = nn.Linear(self.n_ff_slots * cfg.head_d_ff, self.n_ff_slots * cfg.d_model)
+
+    def reset_parameters(self) -> None:
+        """Zero the output layer: each slot's hidden state is then h, the identity."""
+        if self.n_ff_slots > 0:
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
 
     def forward(self, h: torch.Tensor, n_slots: int) -> torch.Tensor:
         if self.identity_first_slot and n_slots == 1:
@@ -336,6 +346,7 @@ class ImageTransformer(nn.Module):
         self.register_buffer("pos_chan", chan, persistent=False)
         self.register_buffer("pos_lr_index", lr_index, persistent=False)
         self.apply(self._init_weights)
+        self.heads.reset_parameters()  # after apply(), which would draw them at random
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

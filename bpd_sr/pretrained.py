@@ -8,8 +8,6 @@ plain dicts, lists, numbers and tensors: ``model_config`` (a ``ModelConfig`` as 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .atomic import write_atomic
 from .config import ModelConfig, TrainConfig
 from .model import ImageTransformer
 
@@ -24,14 +23,15 @@ DEFAULT_WEIGHTS = "default.pt"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or of another configuration (one line)."""
+    """A checkpoint that is missing, corrupt, or of another configuration: one sentence,
+    fit to print without a traceback."""
 
 
 def save_checkpoint(
     path: str | Path, model: ImageTransformer, train_config: TrainConfig | None = None,
     extra: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write a self-describing checkpoint atomically (temporary file, then rename).
+    """Write a self-describing checkpoint atomically (``bpd_sr.atomic``).
 
     dtype: store floating-point weights in this type (bf16 halves a shipped file).
     """
@@ -43,49 +43,73 @@ def save_checkpoint(
     if train_config is not None:
         ckpt["train_config"] = train_config.to_dict()
     ckpt.update(extra or {})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a checkpoint is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda f: torch.save(ckpt, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint dict with ``weights_only=True``; CheckpointError on any problem."""
+    import pickle
+
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"Checkpoint {path} was not found.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors, truncated zip archives, wrong formats
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first[:200]}") from None
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, i.e. running the file's code:
+        # a checkpoint is data, so that advice is not passed on.
+        raise CheckpointError(f"Checkpoint {path} holds Python objects other than tensors and "
+                              "plain data, and bpd-sr loads checkpoints as data only.") from None
+    except Exception:  # truncated zip archives, other formats
+        raise CheckpointError(f"Checkpoint {path} cannot be read: it is truncated or not a "
+                              "PyTorch checkpoint.") from None
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
-        raise CheckpointError(f"{path} is not a bpd-sr checkpoint (no model_config / model)")
+        raise CheckpointError(f"{path} is not a bpd-sr checkpoint: it has no model_config "
+                              "and model.")
     return ckpt
+
+
+def _model_config(ckpt: dict[str, Any], path: Path) -> ModelConfig:
+    """The ModelConfig a checkpoint holds; CheckpointError (one sentence) when this version
+    of bpd-sr cannot build it (settings it does not know, or values it refuses)."""
+    try:
+        return ModelConfig.from_dict(ckpt["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"Checkpoint {path} describes a model this version of bpd-sr "
+                              f"cannot build: {e}.") from None
+
+
+def _load_weights(model: ImageTransformer, state: dict[str, torch.Tensor], path: Path,
+                  strict: bool = True) -> list[str]:
+    """Load ``state`` into ``model``; CheckpointError (one sentence) for weights that do not
+    fit or are not finite. Returns the missing names (allowed when not strict)."""
+    bad = [n for n, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"The weights in {path} hold NaN or infinite values (in "
+                              f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the "
+                              "checkpoint is broken, perhaps by a training run that diverged.")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes: "size mismatch for NAME: copying a param with shape ..."
+        detail = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise CheckpointError(f"The weights in {path} do not fit the model its configuration "
+                              f"describes ({(detail or ['shapes differ'])[0].rstrip('.')}).") from None
+    if (strict and missing) or unexpected:
+        raise CheckpointError(f"The weights in {path} do not fit the model its configuration "
+                              f"describes (missing {list(missing)[:3]}, unexpected "
+                              f"{list(unexpected)[:3]}).")
+    return list(missing)
 
 
 def model_from_checkpoint(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> ImageTransformer:
     """Build the model a checkpoint describes, with its weights, in fp32 eval mode."""
+    path = Path(path)
     ckpt = load_checkpoint(path)
-    try:
-        cfg = ModelConfig.from_dict(ckpt["model_config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: incompatible model configuration ({e})") from None
-    model = ImageTransformer(cfg)
+    model = ImageTransformer(_model_config(ckpt, path))
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not match its configuration ({first})") from None
+    _load_weights(model, state, path)
     return model.to(device).eval()
 
 
@@ -97,21 +121,19 @@ def warm_start(
 
     The base weights are loaded; the heads too when k is unchanged (other heads start new).
     """
+    path = Path(path)
     ckpt = load_checkpoint(path)
-    try:
-        saved = ModelConfig.from_dict(ckpt["model_config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: incompatible model configuration ({e})") from None
+    saved = _model_config(ckpt, path)
     k = saved.k if k is None else k
     model = ImageTransformer(replace(saved, k=k, **overrides))
     state = ckpt["model"]
     if k != saved.k:  # heads of another k have other shapes: keep only the base's weights
         state = {n: v for n, v in state.items() if not n.startswith("heads.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    bad = [m for m in missing if not m.startswith("heads.")]
-    if bad or unexpected:
-        raise CheckpointError(f"{path}: does not fit this model (missing {bad[:3]}, "
-                              f"unexpected {list(unexpected)[:3]})")
+    missing = _load_weights(model, state, path, strict=False)
+    bad = [m for m in missing if not m.startswith("heads.")]  # new heads may start fresh
+    if bad:
+        raise CheckpointError(f"The weights in {path} do not fit the model its configuration "
+                              f"describes (missing {bad[:3]}).")
     return model, ckpt
 
 

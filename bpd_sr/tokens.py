@@ -1,4 +1,4 @@
-"""Images <-> token sequences (GUIDE section 1, "Tokens").
+"""Images <-> token sequences (docs/method.md, "Tokens").
 
 A 32x32x3 image is 3072 tokens in raster order: row, then column, then R, G, B. Each token
 is a channel intensity 0..255. The 8x8x3 input is 192 tokens in the same order.

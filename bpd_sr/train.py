@@ -13,7 +13,7 @@ Loss: cross-entropy of the base slot, plus the mean cross-entropy of the proposa
 their offsets (or one random slot per batch, the paper's option), plus the auxiliary
 cross-entropy of the conditioning logits (Dahl et al. 2017).
 
-Runs on one process or many (``torchrun --nproc-per-node N -m bpd_sr.train ...``; gloo on
+Runs on one process or many (``torchrun --nproc-per-node N -m bpd_sr train ...``; gloo on
 CPU, nccl on GPU; rank 0 logs and saves). Checkpoints hold the model config, the train
 config, the step, the optimizer and the RNG state; they are written atomically every
 ``ckpt_minutes`` and at the end, and ``--resume`` continues a killed run. The batch order is
@@ -27,7 +27,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -244,45 +244,71 @@ def _lr_at(cfg: TrainConfig, step: int, seconds: float,
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run (or resume) one training run; returns the path of its final checkpoint."""
-    rank, world, device = _dist_setup()
-    out = Path(cfg.out)
-    last = out / "last.pt"
-    state = None
-    anchor: tuple[float, int, float] = (0.0, 0, 0.0)
-    if resume and last.exists():
-        state = load_checkpoint(last)
-        saved = TrainConfig.from_dict(state["train_config"])
-        anchor = tuple(state.get("schedule_anchor", anchor))
-        # the run continues as it was configured; only the budget may be extended
-        cfg = replace(saved, max_steps=max(cfg.max_steps, saved.max_steps),
-                      max_minutes=max(cfg.max_minutes, saved.max_minutes))
-        if (cfg.max_steps, cfg.max_minutes) != (saved.max_steps, saved.max_minutes):
-            anchor = (schedule_progress(saved, state["step"], state["train_seconds"], anchor),
-                      state["step"], state["train_seconds"])
-    torch.manual_seed(cfg.seed + rank)
+@dataclass
+class Run:
+    """One training run as a checkpoint holds it and every step updates it."""
 
-    images = load_faces(cfg.data, progress=progress and rank == 0)
+    cfg: TrainConfig
+    model: ImageTransformer
+    opt: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    step: int = 0
+    seconds: float = 0.0
+    log: list[dict] = field(default_factory=list)
+    anchor: tuple[float, int, float] = (0.0, 0, 0.0)  # see schedule_progress
+
+    def out_of_budget(self) -> bool:
+        if self.step >= self.cfg.max_steps:
+            return True
+        return self.cfg.max_minutes > 0 and self.seconds >= 60 * self.cfg.max_minutes
+
+    def save(self, path: Path) -> None:
+        save_checkpoint(path, self.model, self.cfg, extra={
+            "optimizer": self.opt.state_dict(), "step": self.step,
+            "train_seconds": self.seconds, "log": self.log,
+            "rng": {"torch": torch.get_rng_state()}, "schedule_anchor": list(self.anchor),
+        })
+
+
+def resumed_config(cfg: TrainConfig, state: dict, path: Path,
+                   say=tqdm.write) -> tuple[TrainConfig, tuple[float, int, float]]:
+    """The config a killed run continues with, and its schedule anchor.
+
+    The run continues as it was configured; only the budget (max_steps, max_minutes) may be
+    extended. Settings of another bpd-sr version that this one does not know are dropped,
+    with a note (``say``); a checkpoint without training state is a one-line TrainError.
+    """
+    missing = [k for k in ("train_config", "optimizer", "step", "train_seconds", "rng")
+               if k not in state]
+    if missing:
+        raise TrainError(f"{path} cannot be resumed: it has no {', '.join(missing)} (an "
+                         "exported or inference-only checkpoint?); give it as --init instead")
+    saved, unknown = TrainConfig.from_saved(state["train_config"])
+    if unknown:
+        say(f"{path}: ignoring settings of another bpd-sr version: {', '.join(unknown)}")
+    anchor = tuple(state.get("schedule_anchor", (0.0, 0, 0.0)))
+    cfg = replace(saved, max_steps=max(cfg.max_steps, saved.max_steps),
+                  max_minutes=max(cfg.max_minutes, saved.max_minutes))
+    if (cfg.max_steps, cfg.max_minutes) != (saved.max_steps, saved.max_minutes):
+        anchor = (schedule_progress(saved, state["step"], state["train_seconds"], anchor),
+                  state["step"], state["train_seconds"])
+    return cfg, anchor
+
+
+def split_faces(cfg: TrainConfig, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training faces, held-out faces), a random split seeded by cfg.seed."""
+    images = load_faces(cfg.data, progress=progress)
     n_val = int(len(images) * cfg.val_fraction) if cfg.val_fraction > 0 else 0
-    g = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(len(images), generator=g)
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
     val_images, train_images = images[perm[:n_val]], images[perm[n_val:]]
     if len(train_images) == 0:
         raise TrainError(f"{cfg.data}: no training images")
+    return train_images, val_images
 
-    model = build_model(cfg) if state is None else ImageTransformer(
-        ModelConfig.from_dict(state["model_config"]))
-    if cfg.regime == "distill":
-        base = build_model(replace(cfg, regime="regular")).to(device)
-        cache = Path(cfg.distill_cache or (out / "distill_targets.npz"))
-        train_images = distill_targets(base, train_images.to(device), cache,
-                                       progress=progress and rank == 0).cpu()
-        del base
-    train_images = train_images.to(device)
-    if state is not None:
-        model.load_state_dict(state["model"])
-    model.to(device).train()
+
+def make_optimizer(cfg: TrainConfig, model: ImageTransformer, device: torch.device):
+    """AdamW over the trainable parameters (the heads only in the regular regime), no
+    weight decay on biases and norms. Returns (optimizer, its parameters)."""
     if cfg.regime == "regular":
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("heads."))
@@ -293,87 +319,121 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda",
     )
-    step, seconds = 0, 0.0
-    log: list[dict] = []
+    return opt, params
+
+
+def train_step(run: Run, ddp_model, train_images: torch.Tensor, amp, rank: int, world: int):
+    """One optimizer step on the batch of (seed, step). Returns (loss, stats)."""
+    cfg = run.cfg
+    idx = batch_indices(len(train_images), cfg.batch_size, run.step, cfg.seed, rank, world)
+    lr_img, targets = make_batch(train_images, idx, run.step, cfg.seed, cfg.flip)
+    for group in run.opt.param_groups:
+        group["lr"] = _lr_at(cfg, run.step, run.seconds, run.anchor)
+    head_slot = None  # like the batch, the random head is a function of (seed, step)
+    if cfg.random_head and cfg.k > 1:
+        head_slot = int(np.random.default_rng([cfg.seed, run.step]).integers(1, cfg.k))
+    with amp():
+        logits, cond_logits = ddp_model(lr_img, targets)
+    head_targets = logits[:, :, 0].argmax(-1).detach() if cfg.head_targets == "base" else None
+    loss, stats = sr_loss(logits, cond_logits, targets, cfg.cond_loss_weight, head_slot,
+                          head_targets)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    run.opt.step()
+    return loss, stats
+
+
+def log_entry(run: Run, stats: dict, dt: float, world: int, val_images: torch.Tensor,
+              amp, progress: bool) -> None:
+    """Append the step's statistics and the held-out evaluation to the run's log and to
+    ``log.jsonl`` (rank 0 only)."""
+    cfg = run.cfg
+    entry = {"step": run.step, "train_seconds": round(run.seconds, 1), "world_size": world,
+             "lr": run.opt.param_groups[0]["lr"], **stats,
+             "images_per_s": round(cfg.batch_size * world / dt, 1)}
+    if len(val_images):
+        device = next(run.model.parameters()).device
+        entry.update(evaluate_heads(run.model, val_images[:256].to(device), cfg.batch_size, amp))
+    run.log.append(entry)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.jsonl", "a") as f:  # appended line by line: a crash loses one line
+        f.write(json.dumps(entry) + "\n")
+    if progress:
+        tqdm.write(json.dumps(entry))
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) one training run; returns the path of its final checkpoint."""
+    rank, world, device = _dist_setup()
+    last = Path(cfg.out) / "last.pt"
+    # 1. what to continue from
+    state = load_checkpoint(last) if resume and last.exists() else None
+    anchor: tuple[float, int, float] = (0.0, 0, 0.0)
+    if state is not None:
+        cfg, anchor = resumed_config(cfg, state, last)
+    torch.manual_seed(cfg.seed + rank)
+    # 2. data and model (distillation replaces the targets by the base's decodes)
+    train_images, val_images = split_faces(cfg, progress and rank == 0)
+    model = build_model(cfg) if state is None else ImageTransformer(
+        ModelConfig.from_dict(state["model_config"]))
+    if cfg.regime == "distill":
+        base = build_model(replace(cfg, regime="regular")).to(device)
+        cache = Path(cfg.distill_cache or (Path(cfg.out) / "distill_targets.npz"))
+        train_images = distill_targets(base, train_images.to(device), cache,
+                                       progress=progress and rank == 0).cpu()
+        del base
+    train_images = train_images.to(device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model.to(device).train()
+    # 3. optimizer, restored state
+    opt, params = make_optimizer(cfg, model, device)
+    run = Run(cfg, model, opt, params, anchor=anchor)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
-        step, seconds, log = state["step"], state["train_seconds"], state.get("log", [])
+        run.step, run.seconds, run.log = state["step"], state["train_seconds"], state.get("log", [])
         torch.set_rng_state(state["rng"]["torch"])
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type in ("cuda", "cpu"))
+
     def amp():
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    def save(path: Path) -> None:
-        if rank != 0:
-            return
-        save_checkpoint(path, model, cfg, extra={
-            "optimizer": opt.state_dict(), "step": step, "train_seconds": seconds, "log": log,
-            "rng": {"torch": torch.get_rng_state()}, "schedule_anchor": list(anchor),
-        })
-
-    def out_of_budget() -> bool:
-        if step >= cfg.max_steps:
-            return True
-        return cfg.max_minutes > 0 and seconds >= 60 * cfg.max_minutes
-
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress or rank != 0,
+    # 4. the loop: step, log, checkpoint
+    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not progress or rank != 0,
                desc=f"train {cfg.regime}", dynamic_ncols=True)
     last_ckpt = time.monotonic()
-    while not out_of_budget():
+    while not run.out_of_budget():
         t0 = time.perf_counter()
-        idx = batch_indices(len(train_images), cfg.batch_size, step, cfg.seed, rank, world)
-        lr_img, targets = make_batch(train_images, idx, step, cfg.seed, cfg.flip)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(cfg, step, seconds, anchor)
-        head_slot = None  # like the batch, the random head is a function of (seed, step)
-        if cfg.random_head and cfg.k > 1:
-            head_slot = int(np.random.default_rng([cfg.seed, step]).integers(1, cfg.k))
-        with amp():
-            logits, cond_logits = ddp_model(lr_img, targets)
-        head_targets = logits[:, :, 0].argmax(-1).detach() if cfg.head_targets == "base" else None
-        loss, stats = sr_loss(logits, cond_logits, targets, cfg.cond_loss_weight, head_slot,
-                              head_targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        loss, stats = train_step(run, ddp_model, train_images, amp, rank, world)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        seconds += dt
-        step += 1
+        run.seconds += dt
+        run.step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", bpd=f"{stats['bpd']:.3f}",
                         img_s=f"{cfg.batch_size * world / dt:.0f}")
-        if rank == 0 and (step % cfg.eval_every == 0 or out_of_budget()):
-            entry = {"step": step, "train_seconds": round(seconds, 1), "world_size": world,
-                     "lr": opt.param_groups[0]["lr"], **stats,
-                     "images_per_s": round(cfg.batch_size * world / dt, 1)}
-            if len(val_images):
-                entry.update(evaluate_heads(model, val_images[:256].to(device), cfg.batch_size, amp))
-            log.append(entry)
-            out.mkdir(parents=True, exist_ok=True)
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            if progress:
-                tqdm.write(json.dumps(entry))
-        if time.monotonic() - last_ckpt > 60 * cfg.ckpt_minutes:
-            save(last)
+        if rank == 0 and (run.step % cfg.eval_every == 0 or run.out_of_budget()):
+            log_entry(run, stats, dt, world, val_images, amp, progress)
+        if rank == 0 and time.monotonic() - last_ckpt > 60 * cfg.ckpt_minutes:
+            run.save(last)
             last_ckpt = time.monotonic()
     bar.close()
-    save(last)
+    if rank == 0:
+        run.save(last)
     if world > 1:
         dist.barrier()
     return last
 
 
-if __name__ == "__main__":  # torchrun --nproc-per-node N -m bpd_sr.train ...
-    from .cli import train_command
-
-    train_command(prog_name="python -m bpd_sr.train")
+if __name__ == "__main__":
+    # The library never imports the command line (click); say where training starts instead.
+    raise SystemExit("bpd_sr.train is a library module: run `python -m bpd_sr train ...` "
+                     "(with torchrun: `torchrun --nproc-per-node N -m bpd_sr train ...`).")

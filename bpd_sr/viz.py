@@ -1,16 +1,17 @@
-"""Pictures as uint8 arrays: heatmaps of accepted blocks and comparison strips.
+"""Pictures as uint8 arrays: labelled comparisons and heatmaps of accepted blocks.
 
-No matplotlib here (it is not a core dependency): colour maps are small anchor tables
-(9 colours sampled from matplotlib's viridis and magma at 0, 1/8, ..., 1) linearly
-interpolated, close enough to the originals for heatmaps. The maps come from a
-``DecodeResult`` (see ``bpd_sr.decoding``): ``accepted`` (steps,) and ``step_index``
-(32, 32, 3) of one image.
+Drawn with Pillow (text, colour bar), so that ``upscale`` does not pay matplotlib's import:
+colour maps are small anchor tables (9 colours sampled from matplotlib's viridis and magma
+at 0, 1/8, ..., 1) linearly interpolated, close enough to the originals for heatmaps. The
+maps come from a ``DecodeResult`` (see ``bpd_sr.decoding``): ``accepted`` (steps,) and
+``step_index`` (32, 32, 3) of one image.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -93,52 +94,105 @@ def step_map(step_index: ArrayLike) -> np.ndarray:
     return step_index.astype(np.float64).mean(axis=-1)
 
 
-def enlarge(img: ArrayLike, scale: int) -> np.ndarray:
-    """Nearest-neighbour enlargement: (H, W, 3) or (H, W) -> (H*scale, W*scale[, 3])."""
-    img = _numpy(img)
-    if scale < 1:
-        raise ValueError(f"scale must be >= 1, got {scale}")
-    return np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font (Pillow with FreeType)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()  # the small bitmap font
 
 
-def _resize_nearest(img: np.ndarray, height: int) -> np.ndarray:
-    """(h, w, 3) -> (height, round(w * height / h), 3) by nearest neighbour.
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
 
-    Index arithmetic rather than a library resize, so an integer factor gives exact blocks
-    (each source pixel repeated height/h times), which is what makes an 8x8 input legible.
+
+def _as_rgb(img: ArrayLike) -> np.ndarray:
+    arr = _numpy(img)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"pictures take uint8 images, got {arr.dtype}")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"pictures take (H, W, 3) or (H, W) images, got {arr.shape}")
+    return arr
+
+
+def labelled_panels(panels: list[tuple[str, ArrayLike]], size: int = 128,
+                    caption: str = "") -> np.ndarray:
+    """Images side by side, each enlarged (nearest neighbour, so an 8x8 input shows its
+    pixels) to ``size`` x ``size`` with its label underneath, and an optional caption below
+    them all: uint8 (H, W, 3) on white.
+
+    panels: (label, uint8 (h, w, 3) or (h, w)); the 8x8 input and the 32x32 images alike.
     """
+    if not panels:
+        raise ValueError("labelled_panels needs at least one image")
+    if size < 8:
+        raise ValueError(f"size must be at least 8, got {size}")
+    font = _font(max(10, size // 9))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_h = max(_text_size(probe, label, font)[1] for label, _ in panels) + 8
+    widths = [max(size, _text_size(probe, label, font)[0] + 8) for label, _ in panels]
+    gap = max(4, size // 16)
+    canvas = Image.new("RGB", (sum(widths) + gap * (len(panels) + 1), gap + size + label_h),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    x = gap
+    for (label, img), w in zip(panels, widths, strict=True):
+        tile = Image.fromarray(np.ascontiguousarray(_as_rgb(img))).resize((size, size), Image.NEAREST)
+        canvas.paste(tile, (x + (w - size) // 2, gap))
+        draw.text((x + w / 2, gap + size + 4), label, fill="black", font=font, anchor="ma")
+        x += w + gap
+    return with_caption(np.asarray(canvas), caption, size) if caption else np.asarray(canvas)
+
+
+def with_caption(img: np.ndarray, caption: str, size: int = 128) -> np.ndarray:
+    """``img`` with a line of text below it (the picture widened if the text needs it)."""
+    font = _font(max(10, size // 10))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    gap = max(4, size // 16)
+    tw, th = _text_size(probe, caption, font)
     h, w = img.shape[:2]
-    width = max(1, round(w * height / h))
-    rows = np.arange(height) * h // height
-    cols = np.arange(width) * w // width
-    return img[rows[:, None], cols[None, :]]
+    canvas = Image.new("RGB", (max(w, tw + 2 * gap), h + th + 2 * gap), "white")
+    canvas.paste(Image.fromarray(img), (0, 0))
+    ImageDraw.Draw(canvas).text((gap, h + gap // 2), caption, fill="black", font=font)
+    return np.asarray(canvas)
 
 
-def strip(images: list[ArrayLike], height: int, gap: int = 2) -> np.ndarray:
-    """Images side by side: uint8 (height, sum of widths + gaps, 3).
+def colour_bar(vmin: float, vmax: float, height: int, ticks: list[float],
+               name: str = "viridis") -> np.ndarray:
+    """A vertical colour bar, vmax at the top, with tick labels on its right: uint8 (height, W, 3)."""
+    font = _font(max(10, height // 12))
+    bar_w = max(8, height // 10)
+    values = np.linspace(vmax, vmin, height)[:, None].repeat(bar_w, axis=1)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max(_text_size(probe, f"{t:g}", font)[0] for t in ticks) + 6
+    pad = _text_size(probe, "0", font)[1]  # room for the top and bottom labels
+    canvas = Image.new("RGB", (bar_w + 4 + text_w, height + 2 * pad), "white")
+    canvas.paste(Image.fromarray(colormap(values, vmin, vmax, name)), (0, pad))
+    draw = ImageDraw.Draw(canvas)
+    for t in ticks:
+        y = pad + (vmax - t) / (vmax - vmin) * (height - 1) if vmax > vmin else pad
+        draw.line([(bar_w, y), (bar_w + 3, y)], fill="black")
+        draw.text((bar_w + 5, y), f"{t:g}", fill="black", font=font, anchor="lm")
+    return np.asarray(canvas)
 
-    Each uint8 (H, W, 3) (or grayscale (H, W)) image is enlarged by nearest neighbour to
-    ``height`` rows (a square image becomes height x height) and placed left to right on a
-    white background, ``gap`` white columns apart.
+
+def heatmap_figure(result: ArrayLike, values: ArrayLike, k: int, size: int = 128) -> np.ndarray:
+    """The upscaled face beside the accepted-block heatmap of its decode, with a colour bar
+    from 1 to k and a caption saying what the colours mean: uint8 (H, W, 3).
+
+    result: uint8 (32, 32, 3); values: float (32, 32) from ``accepted_length_map``.
     """
-    if not images:
-        raise ValueError("strip needs at least one image")
-    if height < 1 or gap < 0:
-        raise ValueError(f"need height >= 1 and gap >= 0, got {height}, {gap}")
-    tiles = []
-    for img in images:
-        arr = _numpy(img)
-        if arr.dtype != np.uint8:
-            raise ValueError(f"strip takes uint8 images, got {arr.dtype}")
-        if arr.ndim == 2:
-            arr = np.repeat(arr[..., None], 3, axis=-1)
-        if arr.ndim != 3 or arr.shape[2] != 3:
-            raise ValueError(f"strip takes (H, W, 3) or (H, W) images, got {arr.shape}")
-        tiles.append(_resize_nearest(arr, height))
-    width = sum(t.shape[1] for t in tiles) + gap * (len(tiles) - 1)
-    out = np.full((height, width, 3), 255, dtype=np.uint8)
-    x = 0
-    for t in tiles:
-        out[:, x : x + t.shape[1]] = t
-        x += t.shape[1] + gap
-    return out
+    top = max(k, 2)
+    panels = labelled_panels([("bpd-sr", result), ("accepted block", colormap(values, 1, top))], size)
+    ticks = sorted({int(round(t)) for t in np.linspace(1, top, min(top, 4))})
+    bar = colour_bar(1, top, size, [float(t) for t in ticks])
+    gap = max(4, size // 16)
+    row = np.full((max(panels.shape[0], bar.shape[0]), panels.shape[1] + bar.shape[1] + gap, 3),
+                  255, np.uint8)
+    row[: panels.shape[0], : panels.shape[1]] = panels
+    y = max(0, gap - (bar.shape[0] - size) // 2)  # the bar level with the pictures
+    row[y : y + bar.shape[0], panels.shape[1] : panels.shape[1] + bar.shape[1]] = bar
+    return with_caption(row, f"colour: tokens accepted by the decoding step that made each "
+                             f"pixel (1 to k = {k}; higher is faster)", size)

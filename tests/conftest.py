@@ -19,6 +19,10 @@ def tiny_model(k: int = 4, seed: int = 0, dtype=torch.float64, **overrides) -> I
     # random init leaves logits nearly flat; sharpen them so decodes are not all one value
     with torch.no_grad():
         model.out_proj.weight.mul_(20.0)
+        # new heads start as the identity (all slots repeat the base); parity tests want
+        # heads that propose something else, as trained heads do
+        if model.heads.n_ff_slots:
+            torch.nn.init.normal_(model.heads.proj.weight, std=0.02)
     return model
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,11 @@ def face(path: Path, size=(8, 8), mode="RGB") -> Path:
 def test_help_explains_the_policy():
     res = run("upscale", "--help")
     assert res.exit_code == 0
-    assert "centre-cropped" in res.output and "area-resized to 8x8" in res.output
+    text = " ".join(res.output.split())
+    assert "centre-cropped" in text and "area-resized to 8x8" in text
+    # how to frame a photo, and the training crop for aligned CelebA photos
+    assert "top of the hair to just below the chin" in text
+    assert "138x138 at row 40, column 20" in text and "178x218" in text
 
 
 def test_upscale_one_file_with_compare_and_heatmap(tmp_path, tiny_ckpt):
@@ -49,14 +54,92 @@ def test_upscale_one_file_with_compare_and_heatmap(tmp_path, tiny_ckpt):
               "--preview-scale", "2")
     assert res.exit_code == 0, res.output
     assert "centre-cropped to 30x30" in res.output  # the notice for a non-8x8 input
-    assert "mean accepted block" in res.output and "model calls" in res.output
     out = Image.open(tmp_path / "a_x4.png")
-    assert out.size == (64, 64)  # 32x32, enlarged 2x
-    strip = Image.open(tmp_path / "a_x4_compare.png")
-    assert strip.size[0] > 3 * strip.size[1]  # input | bicubic | bpd-sr | original
-    assert Image.open(tmp_path / "a_x4_heatmap.png").size == (64, 64)
+    assert out.size == (32, 32)  # the result at its true size, whatever the preview scale
+    compare = Image.open(tmp_path / "a_x4_compare.png")
+    # input | bicubic | bpd-sr at 64x64 and labels (no original: the 30x30 crop is under 32x32)
+    assert compare.size[0] > 3 * 64 and compare.size[1] > 64
+    assert Image.open(tmp_path / "a_x4_heatmap.png").size[0] > 2 * 64  # face, map, colour bar
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "a.png", "a_x4.png", "a_x4_compare.png", "a_x4_heatmap.png"]
+    # one legend, and a summary line that lists every file written
+    assert res.output.count("tokens/step = mean accepted block") == 1
+    line = next(x for x in res.output.splitlines() if x.startswith(f"{src} -> "))
+    for name in ("a_x4.png", "a_x4_heatmap.png", "a_x4_compare.png"):
+        assert str(tmp_path / name) in line
+    assert "tokens/step" in line and "model calls" in line
+
+
+def test_pictures_are_labelled_and_readable(tmp_path, tiny_ckpt):
+    """Default pictures: panels enlarged 4x (an 8x8 input as 128x128 blocks of 16x16), text
+    under them; the heatmap has a colour bar. Text is dark pixels on the white margin."""
+    src = face(tmp_path / "a.png", size=(64, 64))
+    assert run("upscale", src, "--checkpoint", tiny_ckpt, "--compare", "--heatmap", "-q").exit_code == 0
+    compare = np.asarray(Image.open(tmp_path / "a_x4_compare.png"))
+    gap = 128 // 16
+    lr_panel = compare[gap : gap + 128, gap : gap + 128]
+    assert (lr_panel == np.repeat(np.repeat(lr_panel[::16, ::16], 16, 0), 16, 1)).all()
+    under = compare[gap + 128 :, : gap + 128]
+    assert (under < 100).any()  # the label "input 8x8"
+    heat = np.asarray(Image.open(tmp_path / "a_x4_heatmap.png"))
+    right = heat[:, 2 * (128 + gap) + gap :]  # past the face and the map: the colour bar
+    assert (np.abs(np.diff(right.astype(int), axis=0)).sum(-1) > 0).any()
+
+
+def test_outputs_never_overwrite_each_other(tmp_path, tiny_ckpt):
+    """Same names in different folders keep their folders under -o; two inputs that would
+    still write one file are refused before decoding; nothing is lost."""
+    src = tmp_path / "in"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    face(src / "a" / "face.png")
+    face(src / "b" / "face.png", size=(9, 9))
+    out = tmp_path / "out"
+    res = run("upscale", src, "-r", "-o", out, "--checkpoint", tiny_ckpt, "-q")
+    assert res.exit_code == 0, res.output
+    assert (out / "a" / "face_x4.png").exists() and (out / "b" / "face_x4.png").exists()
+    # face.png and face.jpg side by side would both be face_x4.png
+    face(src / "a" / "face.jpg")
+    res = run("upscale", src / "a", "-o", tmp_path / "out2", "--checkpoint", tiny_ckpt, "-q")
+    assert res.exit_code == 1
+    assert "face.png" in res.output and "face.jpg" in res.output
+    assert not (tmp_path / "out2").exists() or not list((tmp_path / "out2").rglob("*.png"))
+    # explicit files from two folders into one -o: refused too
+    res = run("upscale", src / "a" / "face.png", src / "b" / "face.png", "-o", tmp_path / "o3",
+              "--checkpoint", tiny_ckpt, "-q")
+    assert res.exit_code == 1 and "would write" in res.output
+
+
+def test_a_second_run_skips_this_tools_outputs(tmp_path, tiny_ckpt):
+    face(tmp_path / "x.png")
+    args = ("upscale", tmp_path, "--checkpoint", tiny_ckpt, "--compare", "--heatmap")
+    assert run(*args, "-q").exit_code == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = run(*args)
+    assert res.exit_code == 0, res.output
+    assert "skipped 3 file(s) that bpd-sr wrote itself" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no x_x4_x4.png
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--epsilon", "-1"], "--epsilon"),
+    (["--samples", "2"], "--samples needs --temperature"),
+    (["--k", "0"], "--k"),
+])
+def test_bad_options_are_one_line(tmp_path, tiny_ckpt, args, message):
+    src = face(tmp_path / "a.png")
+    res = run("upscale", src, "--checkpoint", tiny_ckpt, *args)
+    assert res.exit_code == 2 and message in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "a_x4.png").exists()
+
+
+def test_animated_input_says_the_first_frame_is_used(tmp_path, tiny_ckpt):
+    frames = [Image.new("RGB", (8, 8), (i * 80, 0, 0)) for i in range(3)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    res = run("upscale", tmp_path / "a.gif", "--checkpoint", tiny_ckpt)
+    assert res.exit_code == 0, res.output
+    assert "3 frames (animated): the first frame is used" in res.output
 
 
 def test_upscale_folder_to_output_dir_and_greedy(tmp_path, tiny_ckpt):
@@ -68,7 +151,8 @@ def test_upscale_folder_to_output_dir_and_greedy(tmp_path, tiny_ckpt):
     out = tmp_path / "out"
     res = run("upscale", src, "-o", out, "-r", "--checkpoint", tiny_ckpt, "--greedy", "-q")
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in out.iterdir()) == ["x_x4.png", "y_x4.png"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [
+        "sub/y_x4.png", "x_x4.png"]  # the folder structure is kept
     assert res.output == ""
 
 
@@ -101,17 +185,34 @@ def test_decompression_bomb_is_refused(tmp_path, tiny_ckpt, monkeypatch):
     assert not (tmp_path / "bomb_x4.png").exists()
 
 
-@pytest.mark.parametrize("problem", ["missing", "corrupt", "incompatible"])
-def test_bad_checkpoint_is_one_line(tmp_path, problem):
+class Pickled:  # an object weights_only loading refuses
+    pass
+
+
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "incompatible", "nan", "inf",
+                                     "code", "shapes"])
+def test_bad_checkpoint_is_one_sentence(tmp_path, tiny_ckpt, problem):
     src = face(tmp_path / "a.png")
     ckpt = tmp_path / "c.pt"
+    good = torch.load(tiny_ckpt, weights_only=True)
     if problem == "corrupt":
         ckpt.write_bytes(b"PK\x03\x04 not really a zip")
     elif problem == "incompatible":
         torch.save({"model_config": {"d_model": 8, "colour": 3}, "model": {}}, ckpt)
+    elif problem in ("nan", "inf"):
+        good["model"]["out_proj.weight"][0, 0] = float(problem)
+        torch.save(good, ckpt)
+    elif problem == "code":
+        torch.save({**good, "about": Pickled()}, ckpt)
+    elif problem == "shapes":
+        good["model"]["out_proj.bias"] = torch.zeros(3)
+        torch.save(good, ckpt)
     res = run("upscale", src, "--checkpoint", ckpt)
     assert res.exit_code != 0
     assert res.output.startswith("Error: ") and len(res.output.strip().splitlines()) == 1
+    sentence = res.output.strip().removeprefix("Error: ")
+    assert sentence[0].isupper() and sentence.endswith("."), sentence
+    assert "weights_only" not in res.output  # never PyTorch's advice to run the file's code
     assert not (tmp_path / "a_x4.png").exists()
 
 
@@ -121,6 +222,7 @@ def test_missing_path_and_empty_folder(tmp_path, tiny_ckpt):
     (tmp_path / "empty").mkdir()
     res = run("upscale", tmp_path / "empty", "--checkpoint", tiny_ckpt)
     assert res.exit_code != 0 and "no images" in res.output
+    assert "Traceback" not in res.output
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write to a read-only folder")
@@ -153,11 +255,22 @@ def test_never_overwrites_the_input(tmp_path, tiny_ckpt):
 
 
 def test_default_weights_upscale_the_example_face(tmp_path):
-    """The README's first command: the shipped weights, the public-domain example face."""
+    """The README's first command: the shipped weights, the public-domain example face.
+    The result must be about as close to the original as bicubic upscaling of the same
+    8x8 input (noise, a flat image or an unconditioned face would be several dB worse)
+    and come back to the input when averaged down again."""
+    from bpd_sr.imageio import read_image, reference_32, to_model_input
+    from bpd_sr.metrics import psnr, upscale_bicubic
+
     res = run("upscale", EXAMPLE, "-o", tmp_path, "--compare", "--k", "4")
     assert res.exit_code == 0, res.output
     out = np.asarray(Image.open(tmp_path / "astronaut_x4.png"))
-    assert out.shape == (32, 32, 3) and out.std() > 10  # a face, not a flat image
+    assert out.shape == (32, 32, 3)
+    img = read_image(EXAMPLE)
+    lr, ref = to_model_input(img)[0], reference_32(img)
+    assert psnr(out, ref) > psnr(upscale_bicubic(lr), ref) - 1.0
+    back = out.reshape(8, 4, 8, 4, 3).astype(float).mean(axis=(1, 3))
+    assert np.abs(back - lr).mean() < 10  # noise or a flat image: about 47
 
 
 def test_upscale_rule_reaches_the_decode(tmp_path, tiny_ckpt):
@@ -217,9 +330,30 @@ def test_benchmark_writes_json_table_and_plot(tmp_path, tiny_ckpt):
     assert set(result["step_costs"]) == {"1", "2", "3", "4"}
     assert result["table"]["rows"][0]["speedup"] == pytest.approx(1.0)
     assert {r["batch_size"] for r in result["throughput"]} == {1, 2}
+    # the throughput rows follow --k and --epsilon (they used to be fixed at k = 4, 8, 10)
+    assert {(r["k"], r["epsilon"]) for r in result["throughput"]} == {
+        (1, 0), (2, 0), (2, 2), (4, 0), (4, 2)}
     assert "| 4 |" in (tmp_path / "b" / "table.md").read_text()
     assert [(r["temperature"], r["k"]) for r in result["sampling"]] == [(0.9, 1), (0.9, 2)]
     assert (tmp_path / "b" / "plots.png").stat().st_size > 1000
+
+
+def test_benchmark_needs_data_and_says_only_what_it_wrote(tmp_path, tiny_ckpt, monkeypatch):
+    res = run("benchmark", "--checkpoint", tiny_ckpt, "--out", tmp_path / "b")
+    assert res.exit_code == 2 and "Missing option '--data'" in res.output
+    npz = tmp_path / "faces.npz"
+    np.savez(npz, images=np.zeros((1, 32, 32, 3), np.uint8))
+    args = ("benchmark", "--data", npz, "--limit", "1", "--k", "2", "--epsilon", "0",
+            "--batch-sizes", "1", "--temperatures", "", "--no-step-costs",
+            "--checkpoint", tiny_ckpt)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    res = run(*args, "--out", tmp_path / "b")
+    assert res.exit_code == 1 and "needs matplotlib" in res.output
+    assert not (tmp_path / "b").exists()  # refused before decoding anything
+    res = run(*args, "--out", tmp_path / "c", "--no-plots")
+    assert res.exit_code == 0, res.output
+    assert "plots.png" not in res.output and not (tmp_path / "c" / "plots.png").exists()
+    assert f"wrote {tmp_path / 'c' / 'benchmark.json'}, {tmp_path / 'c' / 'table.md'}" in res.output
 
 
 def test_export_makes_a_small_loadable_copy(tmp_path, tiny_ckpt):

@@ -12,11 +12,10 @@ from bpd_sr.data import (
     DataError,
     FolderFaces,
     NpzFaces,
-    celeba_box,
     open_faces,
     prepare_celeba,
-    split_indices,
 )
+from bpd_sr.framing import celeba_box
 
 INSIDE = (200, 40, 90)
 OUTSIDE = (20, 210, 30)
@@ -453,30 +452,3 @@ def test_prepare_celeba_split_and_foreign_npz(tmp_path):
     assert not (tmp_path / "o2").exists()  # nothing created before the check
     with pytest.raises(DataError, match="shard_size"):
         prepare_celeba(tmp_path / "raw", tmp_path / "o3", shard_size=0, progress=False)
-
-
-# --------------------------------------------------------------------------- split_indices
-
-
-def test_split_indices_deterministic_disjoint_complete():
-    tr, va = split_indices(100, 0.1, seed=0)
-    tr2, va2 = split_indices(100, 0.1, seed=0)
-    assert np.array_equal(tr, tr2) and np.array_equal(va, va2)
-    assert len(va) == 10 and len(tr) == 90
-    assert tr.dtype == np.int64 and va.dtype == np.int64
-    assert np.array_equal(np.sort(np.concatenate([tr, va])), np.arange(100))
-    assert np.all(np.diff(tr) > 0) and np.all(np.diff(va) > 0)
-    _, va3 = split_indices(100, 0.1, seed=1)
-    assert not np.array_equal(va, va3)
-    assert va.tolist() != list(range(90, 100))  # random, not the tail
-
-
-def test_split_indices_edges():
-    assert [len(x) for x in split_indices(10, 0.0, seed=0)] == [10, 0]
-    assert [len(x) for x in split_indices(10, 0.01, seed=0)] == [9, 1]
-    assert [len(x) for x in split_indices(2, 0.9, seed=0)] == [1, 1]
-    assert [len(x) for x in split_indices(1, 0.5, seed=0)] == [1, 0]
-    with pytest.raises(DataError):
-        split_indices(10, 1.0, seed=0)
-    with pytest.raises(DataError):
-        split_indices(10, -0.1, seed=0)

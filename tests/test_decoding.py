@@ -181,7 +181,10 @@ def test_approximate_acceptance_drifts_from_greedy_but_accepts_more(model8, gree
     exact = blockwise_parallel_decode(model8, lr, k=8, rule=rule)
     loose = blockwise_parallel_decode(model8, lr, k=8, epsilon=8, rule=rule)
     assert loose.mean_accepted > exact.mean_accepted
-    # the kept tokens are the proposals, within epsilon of the base: the image drifts
+    assert torch.equal(exact.images, ref.images)
+    # the kept token is the proposal, not the base's choice: the image drifts from greedy,
+    # but never by more than epsilon where a proposal was accepted (checked per token in
+    # test_every_accepted_token_passes_the_test)
     drift = (loose.images.int() - ref.images.int()).abs()
     assert int(drift.max()) > 0
 

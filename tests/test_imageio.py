@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image
 
 from bpd_sr.imageio import (
     IMAGE_EXTENSIONS,
     ImageError,
     find_images,
-    output_path,
     read_image,
+    read_input,
     reference_32,
     to_model_input,
     write_image_atomic,
@@ -136,6 +136,16 @@ def test_exif_orientation_applied(tmp_path: Path) -> None:
     assert bottom[2] > 200 and bottom[0] < 60  # blue
 
 
+def test_animated_image_first_frame_and_a_notice(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    img, notice = read_input(tmp_path / "a.gif")
+    assert (img == [255, 0, 0]).all()
+    assert notice == "3 frames (animated): the first frame is used"
+    Image.new("RGB", (8, 8)).save(tmp_path / "still.gif")
+    assert read_input(tmp_path / "still.gif")[1] is None
+
+
 def test_non_square_any_size(tmp_path: Path) -> None:
     img = _noise(218, 178)
     Image.fromarray(img).save(tmp_path / "celeba.png")
@@ -149,10 +159,33 @@ def test_non_square_any_size(tmp_path: Path) -> None:
 def test_to_model_input_crops_centre_and_reports() -> None:
     img = np.zeros((218, 178, 3), np.uint8)
     img[20:198] = 200  # the centre 178x178 square is 200; the 20-row bands are 0
-    lr, notice = to_model_input(img)
+    lr, notice = to_model_input(img, crop="centre")
     assert lr.shape == (8, 8, 3) and lr.dtype == np.uint8
     assert (lr == 200).all()  # nothing of the cropped-off bands leaks in
     assert notice == "input is 178x218: centre-cropped to 178x178 and area-resized to 8x8"
+    wide, notice = to_model_input(np.zeros((30, 40, 3), np.uint8))  # auto: not CelebA-shaped
+    assert notice == "input is 40x30: centre-cropped to 30x30 and area-resized to 8x8"
+
+
+@pytest.mark.parametrize("size", [(178, 218), (89, 109), (356, 436)])
+def test_aligned_celeba_photos_get_the_training_crop_by_default(size) -> None:
+    """The model learnt the Img2imgCeleba framing: 138x138 at row 40, column 20."""
+    w, h = size
+    img = np.zeros((h, w, 3), np.uint8)
+    left, top, right, bottom = (round(v * w / 178) for v in (20, 40, 158, 178))
+    img[top:bottom, left:right] = 200  # only the training box is 200
+    for crop in ("auto", "celeba"):
+        lr, notice = to_model_input(img, crop=crop)
+        assert (lr == 200).all(), crop
+        assert "training framing" in notice
+        assert (reference_32(img, crop=crop) == 200).all()
+    centre, _ = to_model_input(img, crop="centre")
+    assert not (centre == 200).all()
+
+
+def test_the_training_crop_refuses_other_shapes() -> None:
+    with pytest.raises(ImageError, match="aligned CelebA"):
+        to_model_input(np.zeros((100, 100, 3), np.uint8), crop="celeba")
 
 
 def test_to_model_input_8x8_untouched() -> None:
@@ -197,10 +230,6 @@ def test_reference_32() -> None:
 
 
 # ----------------------------------------------------------------------------- read errors
-
-
-def test_load_truncated_images_stays_false() -> None:
-    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -253,6 +282,23 @@ def test_decompression_bomb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lim
 
 
 # ----------------------------------------------------------------------------- writing
+
+
+def test_read_and_train_see_the_same_pixels(tmp_path: Path) -> None:
+    """One reader: a folder dataset (train, evaluate) gets exactly what upscale's reader
+    and framing give, for the files where two readers used to differ (16-bit values below
+    256, half-transparent pixels, extensions only one of them accepted)."""
+    from bpd_sr.data import FolderFaces
+
+    Image.fromarray(np.full((40, 40), 200, np.uint16)).save(tmp_path / "a_16bit_dark.png")
+    Image.new("RGBA", (36, 36), (10, 20, 30, 77)).save(tmp_path / "b_half_alpha.png")
+    Image.fromarray(_noise(218, 178)).save(tmp_path / "c_celeba.png")
+    Image.new("L", (33, 33), 90).save(tmp_path / "d_grey.pgm")
+    Image.fromarray(_noise(40, 40)).convert("P").save(tmp_path / "e_palette.gif")
+    ds = FolderFaces(tmp_path)
+    assert [p.name for p in ds.files] == sorted(p.name for p in tmp_path.iterdir())
+    for i, path in enumerate(ds.files):
+        np.testing.assert_array_equal(ds[i].numpy(), reference_32(read_image(path)), path.name)
 
 
 def test_write_roundtrip_and_format_from_extension(tmp_path: Path) -> None:
@@ -322,15 +368,6 @@ def test_write_rejects_bad_array(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_output_path(tmp_path: Path) -> None:
-    src = tmp_path / "faces" / "me.jpg"
-    assert output_path(src, None, "_sr") == tmp_path / "faces" / "me_sr.png"
-    assert output_path(src, tmp_path / "out", "") == tmp_path / "out" / "me.png"
-    assert output_path(src, None, "") == tmp_path / "faces" / "me.png"  # .jpg input: no clash
-    with pytest.raises(ImageError, match="overwrite the input"):
-        output_path(tmp_path / "faces" / "me.png", None, "")
-
-
 # ----------------------------------------------------------------------------- find_images
 
 
@@ -353,11 +390,14 @@ def test_find_images_nested(tmp_path: Path) -> None:
     c = _touch(root / "sub" / "c.webp")
     d = _touch(root / "sub" / "deeper" / "d.tiff")
 
-    found, errors = find_images([root], recursive=False)
-    assert found == [a, b] and errors == []
+    _touch(root / ".git" / "e.png")  # nothing under a hidden folder
+    res = find_images([root], recursive=False)
+    assert res.files == [a, b] and res.errors == []
 
-    found, errors = find_images([root], recursive=True)
-    assert found == [a, b, c, d] and errors == []
+    res = find_images([root], recursive=True)
+    assert res.files == [a, b, c, d] and res.errors == []
+    assert res.relative == [Path("a.png"), Path("b.JPG"), Path("sub/c.webp"),
+                            Path("sub/deeper/d.tiff")]
 
 
 def test_find_images_errors_and_explicit_files(tmp_path: Path) -> None:
@@ -368,13 +408,25 @@ def test_find_images_errors_and_explicit_files(tmp_path: Path) -> None:
     odd = _touch(tmp_path / "face.dat")  # explicit: kept whatever the extension
     missing = tmp_path / "missing.png"
 
-    found, errors = find_images([empty, odd, missing, only_sub, str(odd)], recursive=False)
-    assert found == [odd]  # given twice, listed once
-    reasons = dict(errors)
+    res = find_images([empty, odd, missing, only_sub, str(odd)], recursive=False)
+    assert res.files == [odd]  # given twice, listed once
+    reasons = dict(res.errors)
     assert set(reasons) == {empty, missing, only_sub}
     assert "no image files" in reasons[empty]
     assert "no such file" in reasons[missing]
     assert "recursive" in reasons[only_sub]
 
-    found, errors = find_images([only_sub], recursive=True)
-    assert found == [only_sub / "inner" / "x.png"] and errors == []
+    res = find_images([only_sub], recursive=True)
+    assert res.files == [only_sub / "inner" / "x.png"] and res.errors == []
+
+
+def test_find_images_skips_this_tools_own_outputs(tmp_path: Path) -> None:
+    """Outputs carry PNG text that says bpd-sr wrote them; a second run leaves them alone,
+    given in a folder or directly, whatever they are named."""
+    face = tmp_path / "face.png"
+    Image.fromarray(_noise(8, 8)).save(face)
+    write_image_atomic(tmp_path / "face_x4.png", _noise(32, 32))
+    write_image_atomic(tmp_path / "renamed.png", _noise(32, 32))
+    res = find_images([tmp_path, tmp_path / "renamed.png"])
+    assert res.files == [face]
+    assert sorted(p.name for p in res.skipped) == ["face_x4.png", "renamed.png"]

@@ -1,4 +1,4 @@
-"""bpd_sr.metrics: PSNR / SSIM conventions, baselines, acceptance statistics."""
+"""bpd_sr.metrics: PSNR / SSIM conventions and baselines."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ import pytest
 import torch
 
 from bpd_sr.metrics import (
-    acceptance_stats,
     psnr,
     quality,
     ssim,
     upscale_bicubic,
     upscale_lanczos,
-    upscale_nearest,
 )
 
 
@@ -102,40 +100,3 @@ def test_baselines_differ_and_track_the_input() -> None:
     # Downsampling the upscaled image again lands near the input.
     back = bic.reshape(2, 8, 4, 8, 4, 3).astype(float).mean(axis=(2, 4))
     assert np.abs(back - lr).mean() < 20
-
-
-def test_upscale_nearest() -> None:
-    img = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
-    big = upscale_nearest(img, 3)
-    assert big.shape == (6, 6, 3)
-    np.testing.assert_array_equal(big[:3, :3], np.broadcast_to(img[0, 0], (3, 3, 3)))
-    np.testing.assert_array_equal(big[5, 5], img[1, 1])
-    assert upscale_nearest(_noise(4, 8, 8, 3), 4).shape == (4, 32, 32, 3)
-
-
-def test_acceptance_stats_numbers() -> None:
-    accepted = [torch.tensor([1, 3, 3, 2]), np.array([4, 1])]  # 9 + 5 tokens, 4 + 2 steps
-    s = acceptance_stats(accepted)
-    assert s["total_tokens"] == 14 and s["total_steps"] == 6 and s["n_images"] == 2
-    assert s["mean_accepted"] == pytest.approx(14 / 6)
-    assert s["steps_per_image"] == pytest.approx(3.0)
-    np.testing.assert_array_equal(s["steps"], [4, 2])
-    assert s["max_accepted"] == 4
-    np.testing.assert_array_equal(s["lengths"], [1, 2, 3, 4])
-    np.testing.assert_array_equal(s["histogram"], [2, 1, 2, 1])
-    assert s["histogram"].sum() == s["total_steps"]
-
-
-def test_acceptance_stats_greedy() -> None:
-    s = acceptance_stats([torch.ones(3072, dtype=torch.long)])
-    assert s["mean_accepted"] == 1.0 and s["steps_per_image"] == 3072.0
-    np.testing.assert_array_equal(s["histogram"], [3072])
-
-
-def test_acceptance_stats_rejects_bad_input() -> None:
-    with pytest.raises(ValueError):
-        acceptance_stats([])
-    with pytest.raises(ValueError):
-        acceptance_stats([np.array([2, 0, 1])])
-    with pytest.raises(ValueError):
-        acceptance_stats([np.array([], dtype=np.int64)])

@@ -129,6 +129,18 @@ def test_identity_first_slot_keeps_base_predictions():
     torch.testing.assert_close(full_logits(with_heads, lr, y)[:, :, 0], full_logits(base, lr, y)[:, :, 0])
 
 
+@pytest.mark.parametrize("identity_first_slot", [True, False])
+def test_new_heads_start_as_the_identity(identity_first_slot):
+    """Every slot of a new model carries the decoder output itself (the output layer of the
+    heads starts at zero), so slot i at p differs from slot 0 at p only by the conditioning
+    logits of p + i, whatever the trunk's weights."""
+    model = ImageTransformer(
+        ModelConfig.preset("tiny", k=4, identity_first_slot=identity_first_slot)).double().eval()
+    h = torch.randn(2, 5, model.cfg.d_model, dtype=torch.float64)
+    slots = model.heads(h, 4)  # (2, 5, 4, d)
+    torch.testing.assert_close(slots, h.unsqueeze(-2).expand_as(slots), rtol=0, atol=0)
+
+
 def test_slot_i_gets_conditioning_logits_of_position_p_plus_i():
     model = tiny_model(k=3)
     with torch.no_grad():

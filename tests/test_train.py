@@ -51,20 +51,56 @@ def test_base_run_writes_a_self_describing_checkpoint(base_ckpt):
     assert "val_bpd" in log[-1]
 
 
-@pytest.mark.parametrize("regime,extra", [
-    ("regular", {}), ("finetune", {}), ("finetune", {"random_head": True}),
-    ("regular", {"head_targets": "base"}), ("distill", {}),
-])
-def test_every_regime_runs(faces, base_ckpt, tmp_path, regime, extra):
+RUNS = {  # name: (regime, options), each trained 3 steps from the same base and seed
+    "regular": ("regular", {}),
+    "regular_base_targets": ("regular", {"head_targets": "base"}),
+    "finetune": ("finetune", {}),
+    "finetune_random_head": ("finetune", {"random_head": True}),
+    "distill": ("distill", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def regimes(faces, base_ckpt, tmp_path_factory) -> dict:
+    runs = {}
+    for name, (regime, extra) in RUNS.items():
+        out = tmp_path_factory.mktemp(name)
+        path = train(cfg(faces, out, regime=regime, k=3, init=str(base_ckpt),
+                         distill_cache=str(out / "distill.npz"), **extra), progress=False)
+        runs[name] = (load_pretrained(path), out)
+    return runs
+
+
+def _same(a, b, prefix: str) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[n], sb[n]) for n in sa if n.startswith(prefix))
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_every_regime_trains_what_it_says(regimes, base_ckpt, name):
     before = load_pretrained(base_ckpt)
-    out = train(cfg(faces, tmp_path, regime=regime, k=3, init=str(base_ckpt),
-                    distill_cache=str(tmp_path / "distill.npz"), **extra), progress=False)
-    after = load_pretrained(out)
+    after, _ = regimes[name]
     assert after.cfg.k == 3
     base_same = torch.equal(after.dec_layers[0].mlp.fc.weight, before.dec_layers[0].mlp.fc.weight)
-    assert base_same == (regime == "regular")  # the regular regime freezes the base model
-    if regime == "distill":
-        assert (tmp_path / "distill.npz").exists()
+    assert base_same == (RUNS[name][0] == "regular")  # the regular regime freezes the base
+    assert after.heads.proj.weight.abs().sum() > 0  # the heads learnt: they start at zero
+
+
+@pytest.mark.parametrize("a,b", [("regular", "regular_base_targets"),
+                                 ("finetune", "finetune_random_head"), ("finetune", "distill")])
+def test_each_option_changes_what_is_learnt(regimes, a, b):
+    """An option that were ignored would give the same weights as the run without it."""
+    assert not _same(regimes[a][0], regimes[b][0], "heads.")
+
+
+def test_distill_learns_from_the_base_models_own_decodes(regimes, faces):
+    _, out = regimes["distill"]
+    decodes = np.load(out / "distill.npz")["images"]
+    data = np.load(faces)["images"]
+    n_val = int(len(data) * 0.2)
+    assert decodes.shape == (len(data) - n_val, 32, 32, 3)
+    # greedy decodes of the training inputs, not the training images themselves
+    assert not any(np.array_equal(d, x) for d in decodes for x in data)
 
 
 def test_regime_errors(faces, tmp_path):
@@ -85,7 +121,7 @@ def test_batches_are_a_function_of_seed_and_step():
 def test_resume_after_kill_continues_exactly(faces, tmp_path):
     """Kill a run (SIGKILL) after its first checkpoint; --resume ends where an unbroken run ends."""
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "bpd_sr.train", "--data", str(faces), "--preset", "tiny",
+    cmd = [sys.executable, "-m", "bpd_sr", "train", "--data", str(faces), "--preset", "tiny",
            "--batch-size", "4", "--max-steps", "8", "--warmup-steps", "1", "--eval-every", "100",
            "--amp", "fp32", "--quiet"]
     subprocess.run([*cmd, "--out", str(tmp_path / "whole")], cwd=ROOT, check=True)
@@ -133,7 +169,7 @@ def test_torchrun_two_cpu_processes(faces, tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     res = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "bpd_sr.train",
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "bpd_sr", "train",
          "--data", str(faces), "--preset", "tiny", "--batch-size", "2", "--max-steps", "2",
          "--warmup-steps", "1", "--eval-every", "2", "--amp", "fp32", "--out", str(tmp_path),
          "--quiet"],
@@ -172,3 +208,29 @@ def test_gpu_finetune_script_runs_on_the_cpu(tmp_path):
     assert load_pretrained(out / "default.pt").cfg.k == 2
     rows = json.loads((out / "eval.json").read_text())["rows"]
     assert "sequential (mean)" in [r["method"] for r in rows]
+
+
+def test_a_checkpoint_of_another_version_resumes(faces, tmp_path, capsys):
+    """An older version saved a training setting this one does not know (num_workers):
+    resuming used to raise a traceback; now the setting is dropped with a note."""
+    train(cfg(faces, tmp_path, max_steps=2), progress=False)
+    state = load_checkpoint(tmp_path / "last.pt")
+    state["train_config"]["num_workers"] = 4
+    torch.save(state, tmp_path / "last.pt")
+    train(cfg(faces, tmp_path, max_steps=4), resume=True, progress=False)
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 4
+    assert "ignoring settings of another bpd-sr version: num_workers" in capsys.readouterr().out
+
+
+def test_resuming_what_cannot_be_resumed_is_one_line(faces, tmp_path):
+    from click.testing import CliRunner
+
+    from bpd_sr.cli import main
+    from bpd_sr.pretrained import save_checkpoint
+    from tests.conftest import tiny_model
+
+    save_checkpoint(tmp_path / "last.pt", tiny_model(k=1, dtype=torch.float32))  # no optimizer
+    res = CliRunner().invoke(main, ["train", "--data", str(faces), "--preset", "tiny",
+                                    "--out", str(tmp_path), "--resume", "--quiet"])
+    assert res.exit_code != 0 and "cannot be resumed" in res.output
+    assert len(res.output.strip().splitlines()) == 1

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from bpd_sr.viz import accepted_length_map, colormap, enlarge, step_map, strip
+from bpd_sr.viz import (
+    accepted_length_map,
+    colormap,
+    colour_bar,
+    heatmap_figure,
+    labelled_panels,
+    step_map,
+)
 
 
 def test_colormap_endpoints_and_clipping() -> None:
@@ -64,29 +71,39 @@ def test_step_map() -> None:
     np.testing.assert_allclose(step_map(step_index), [[1 / 3, 5 / 3]])
 
 
-def test_enlarge() -> None:
-    img = np.array([[[1, 2, 3], [4, 5, 6]]], np.uint8)  # (1, 2, 3)
-    big = enlarge(img, 4)
-    assert big.shape == (4, 8, 3)
-    assert (big[:, :4] == [1, 2, 3]).all() and (big[:, 4:] == [4, 5, 6]).all()
-
-
-def test_strip_size_layout_and_gaps() -> None:
-    lr = np.zeros((8, 8, 3), np.uint8)
-    hr = np.full((32, 32, 3), 7, np.uint8)
-    out = strip([lr, hr, hr], height=64, gap=3)
-    assert out.shape == (64, 3 * 64 + 2 * 3, 3) and out.dtype == np.uint8
-    assert (out[:, :64] == 0).all()  # the 8x8, enlarged 8 times
-    assert (out[:, 64:67] == 255).all()  # white gap
-    assert (out[:, 67:131] == 7).all()
-    assert (out[:, 131:134] == 255).all()
-    assert strip([lr], height=16, gap=5).shape == (16, 16, 3)  # no gap after the last
-
-
-def test_strip_exact_nearest_blocks_and_grayscale() -> None:
+def test_labelled_panels_enlarge_every_image_to_one_size() -> None:
     lr = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(strip([lr], height=32, gap=0), enlarge(lr, 4))
-    gray = np.full((4, 4), 90, np.uint8)
-    assert (strip([gray], height=8) == 90).all()
+    hr = np.full((32, 32, 3), 7, np.uint8)
+    out = labelled_panels([("input 8x8", lr), ("result", hr)], size=64)
+    gap = 64 // 16
+    assert out.dtype == np.uint8 and out.shape[0] > 64 + gap  # room for the labels
+    # the 8x8 input in exact 8x8 blocks, the 32x32 in 2x2 blocks
+    np.testing.assert_array_equal(out[gap : gap + 64, gap : gap + 64],
+                                  np.repeat(np.repeat(lr, 8, 0), 8, 1))
+    x = gap + 64 + gap
+    assert (out[gap : gap + 64, x : x + 64] == 7).all()
+    labels = out[gap + 64 :]
+    assert (labels < 128).any() and (labels == 255).mean() > 0.8  # dark text on white
     with pytest.raises(ValueError):
-        strip([], height=8)
+        labelled_panels([], size=64)
+    with pytest.raises(ValueError):
+        labelled_panels([("float", hr.astype(float))], size=64)
+
+
+def test_colour_bar_runs_from_vmax_at_the_top_to_vmin() -> None:
+    bar = colour_bar(1, 10, height=100, ticks=[1.0, 10.0])
+    column = bar[:, 2]  # inside the bar, left of the ticks
+    coloured = column[(column != 255).any(-1)]
+    np.testing.assert_array_equal(coloured[0], colormap(np.array([[10.0]]), 1, 10)[0, 0])
+    np.testing.assert_array_equal(coloured[-1], colormap(np.array([[1.0]]), 1, 10)[0, 0])
+
+
+def test_heatmap_figure_has_the_map_and_its_meaning() -> None:
+    values = np.tile(np.linspace(1, 8, 32), (32, 1))
+    fig = heatmap_figure(np.zeros((32, 32, 3), np.uint8), values, k=8, size=128)
+    gap = 128 // 16
+    x = gap + 128 + gap
+    np.testing.assert_array_equal(
+        fig[gap : gap + 128 : 4, x : x + 128 : 4], colormap(values, 1, 8))
+    assert fig.shape[1] > 2 * (128 + gap) + 10  # a colour bar right of the map
+    assert (fig[-30:] < 128).any()  # the caption line

@@ -27,7 +27,7 @@ mkdir -p "$R" "$OUT"
   python3 -c "import torch; print('torch', torch.__version__)";
   echo "minutes=$MIN init=$INIT bs=$BS lr=$LR k=$K regime=$REGIME data=$DATA"; } | tee "$OUT/run.txt"
 rm -rf "$R/ft"
-python3 -m bpd_sr.train --data "$DATA" --regime "$REGIME" --k "$K" --init "$INIT" --out "$R/ft" \
+python3 -m bpd_sr train --data "$DATA" --regime "$REGIME" --k "$K" --init "$INIT" --out "$R/ft" \
   --batch-size "$BS" --lr "$LR" --warmup-steps 30 --max-steps 1000000 --max-minutes "$MIN" \
   --eval-every 200 --ckpt-minutes 1 --quiet
 cp "$R/ft/log.jsonl" "$OUT/"
