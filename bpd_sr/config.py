@@ -61,6 +61,9 @@ class ModelConfig:
     cond_channels: int = 64  # width of the conditioning conv net (Dahl et al. 2017); 0 = none
     cond_blocks: int = 2  # its residual blocks at 8x8 (bpd-sr fit-cond trains a deeper one)
     cond_head: str = "logits"  # "logits" (256 per colour) or "gaussian" (mu, sigma per colour)
+    # weight of the conditioning logits in the sum with the decoder's (1: as trained); a
+    # decoding setting saved with the checkpoint, measured per checkpoint (README, "Levers")
+    cond_scale: float = 1.0
     lr_input_embedding: bool = True  # embed the low-res intensity each target comes from
 
     def __post_init__(self) -> None:
@@ -68,6 +71,8 @@ class ModelConfig:
             raise ValueError("d_model must be divisible by n_head")
         if self.k < 1:
             raise ValueError("k must be at least 1")
+        if not self.cond_scale > 0:
+            raise ValueError("cond_scale must be positive")
         if self.attn_block < 1 or N_HR_TOKENS % self.attn_block:
             raise ValueError(f"attn_block must divide {N_HR_TOKENS}")
 

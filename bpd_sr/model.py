@@ -366,7 +366,9 @@ class ImageTransformer(nn.Module):
             x = layer(x)
         memory = self.enc_ln(x)
         cross_kv = [layer.cross_attn.memory_kv(memory) for layer in self.dec_layers]
-        cond = self.conditioning_logits(lr).to(memory.dtype)
+        # the decoder's logits are added to cond_scale times the conditioning logits: a
+        # product of experts whose balance is a decoding setting of the checkpoint
+        cond = (self.conditioning_logits(lr) * self.cfg.cond_scale).to(memory.dtype)
         dec_pos = (self.row_emb(self.pos_row) + self.col_emb(self.pos_col)
                    + self.chan_emb(self.pos_chan)).expand(b, -1, -1)  # (B, 3072, d)
         if self.lr_emb is not None:
@@ -445,7 +447,8 @@ class ImageTransformer(nn.Module):
         ctx = self.encode(lr)
         h = self.decoder_hidden(ctx, shift_right(targets))
         pos = torch.arange(targets.shape[1], device=targets.device).expand(targets.shape[0], -1)
-        return self.logits(ctx, h, pos, self.cfg.k), ctx.cond_logits[:, :N_HR_TOKENS]
+        cond = ctx.cond_logits[:, :N_HR_TOKENS]  # the auxiliary loss sees the net's own logits
+        return self.logits(ctx, h, pos, self.cfg.k), cond / self.cfg.cond_scale
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """A cache for ``batch`` images: by default 3072 positions plus k + 1 of look-ahead."""

@@ -103,3 +103,28 @@ def test_both_heads_plug_into_the_model(head):
     lr = torch.randint(0, 256, (1, 8, 8, 3), dtype=torch.uint8)
     assert model.conditioning_logits(lr).shape == (1, 3072 + 2, 256)
     assert len(model.cond.res) == 3
+
+
+def test_cond_scale_weighs_the_conditioning_logits_in_decoding_only():
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = ImageTransformer(ModelConfig.preset("tiny", k=2)).double().eval()
+    lr = torch.randint(0, 256, (1, 8, 8, 3), dtype=torch.uint8)
+    targets = torch.randint(0, 256, (1, 3072))
+    logits1, aux1 = model(lr, targets)
+    model.cfg = replace(model.cfg, cond_scale=2.5)
+    logits2, aux2 = model(lr, targets)
+    cond = model.conditioning_logits(lr)[:, :3072]
+    assert torch.allclose(aux2, aux1) and torch.allclose(aux1, cond)  # the aux loss: unscaled
+    # the decoder's part is the same; the conditioning part is 2.5 times as large
+    assert torch.allclose(logits2 - logits1, 1.5 * _shifted(cond, 2), atol=1e-9)
+    with pytest.raises(ValueError):
+        ModelConfig.preset("tiny", cond_scale=0.0)
+
+
+def _shifted(cond: torch.Tensor, k: int) -> torch.Tensor:
+    """(1, 3072, 256) conditioning logits -> (1, 3072, k, 256): slot i reads position p + i
+    (zero past the end)."""
+    padded = torch.nn.functional.pad(cond, (0, 0, 0, k))
+    return torch.stack([padded[:, i : i + 3072] for i in range(k)], dim=2)
