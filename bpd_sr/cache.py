@@ -1,15 +1,26 @@
-"""A static, preallocated key/value cache for the decoder's local self-attention.
+"""Static, preallocated key/value caches for the decoder's local self-attention.
 
 As in gpt-fast's ``KVCache``: keys and values of every decoder layer are written at their
 absolute positions (``input_pos``). Nothing is ever deleted. Blockwise parallel decoding
 writes the keys of k proposed tokens; when some are rejected, the decoding loop simply does
-not advance its pointer past them, the attention mask (key position <= query position) hides
-the stale entries, and the next step overwrites them. Rollback costs nothing.
+not advance its pointer past them, the attention window (key position <= query position)
+hides the stale entries, and the next step overwrites them. Rollback costs nothing.
 
-Each image of a batch owns one cache row and advances at its own pace. The storage of a
-layer is one flat (B * max_len, d_model) matrix, so that writing and reading windows of
-many rows at different positions is a single ``index_copy_`` / ``index_select`` (an order
-of magnitude cheaper on CPU than advanced indexing of a 4-D tensor).
+Each image of a batch owns one cache row and advances at its own pace.
+
+``KVCache`` (what decoding uses) is head-major: one (2, batch, n_head, stored_len, head_dim)
+tensor per layer, keys at index 0 and values at 1, so that the keys of a window of positions
+are a *view* (a slice along the stored axis) in exactly the (B, n_head, L, head_dim) layout
+that ``scaled_dot_product_attention`` reads. When every row of a call sits at the same
+position (sequential decoding and sampling at any batch size, blockwise decoding at batch 1)
+a step writes its new keys and values with one strided copy and reads its window without
+copying, and the window's mask is made once per (offset in the block, T) and reused.
+Rows at different positions (blockwise decoding of a batch) fall back to one flat
+``index_copy_`` / ``index_select`` per layer.
+
+``FlatKVCache`` is the previous token-major layout, (batch * max_len, d_model) per layer read
+through ``index_select``. It is kept as the reference implementation: the module-based
+decoder path runs on it, and the parity tests and the benchmark compare against it.
 """
 
 from __future__ import annotations
@@ -19,9 +30,123 @@ from dataclasses import dataclass
 import torch
 
 
+def window_mask(qpos: torch.Tensor, kpos: torch.Tensor, attn_block: int) -> torch.Tensor:
+    """Masked local-1D attention (Parmar et al. 2018, section 3.2): query q sees keys
+    [start(q) - attn_block, q], start(q) the first position of q's block; never a key < 0.
+
+    qpos: long (..., T, 1), kpos: long (..., 1, L) -> bool (..., T, L)."""
+    return (kpos >= (qpos // attn_block) * attn_block - attn_block) & (kpos <= qpos) & (kpos >= 0)
+
+
+@dataclass
+class StepPlan:
+    """Where one incremental decoder call writes and reads, shared by all layers.
+
+    Every query row reads the same window as the reference path: ``width`` = 2*attn_block +
+    T - 1 keys from start(p0) - attn_block, masked, so that the attention sums over the same
+    number of terms. (The CPU attention kernel rounds differently when the key count changes,
+    even by masked keys: reading the exact window without a mask differs in the last bit.)
+
+    shared: every row sits at the same positions p0..p0+T-1 and the rows are the contiguous
+        cache rows r0..r1-1; the window is the view [lo, lo + width) along the stored axis.
+    mask: bool (T, width) when shared, (b, 1, T, width) when gathered.
+    write_idx / read_idx (gathered only): long (2*b*H*T,) and (2*b*H*width,) flat slots of the
+        cache viewed as (2*B*H*stored_len, head_dim).
+    """
+
+    shared: bool
+    t: int
+    mask: torch.Tensor
+    width: int
+    r0: int = 0
+    r1: int = 0
+    p0: int = 0
+    lo: int = 0
+    write_idx: torch.Tensor | None = None
+    read_idx: torch.Tensor | None = None
+
+
+class KVCache:
+    """Keys and values of ``n_layer`` layers, each (2, batch, n_head, stored_len, head_dim).
+
+    Position p is stored at index p + attn_block: a block of zeros in front and one behind
+    let every window be a view, even the first block's (which starts at -attn_block) and the
+    last one's; those slots are always masked."""
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        max_len: int,
+        n_head: int,
+        head_dim: int,
+        attn_block: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.stored_len = max_len + 2 * attn_block
+        shape = (2, batch, n_head, self.stored_len, head_dim)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.batch, self.n_head, self.max_len, self.head_dim = batch, n_head, max_len, head_dim
+        self.attn_block = attn_block
+        self._masks: dict[tuple[int, int, bool], torch.Tensor] = {}
+
+    def plan(self, rows: torch.Tensor, pos: torch.Tensor) -> StepPlan:
+        """The plan of a call: rows long (b,) cache rows; pos long (b, T) contiguous positions."""
+        b, t = pos.shape
+        p = pos[:, 0].tolist()
+        r = rows.tolist()
+        if all(x == p[0] for x in p) and r == list(range(r[0], r[0] + b)):
+            return self._shared_plan(r[0], b, p[0], t, pos.device)
+        return self._gathered_plan(rows, pos)
+
+    def _shared_plan(self, r0: int, b: int, p0: int, t: int, device) -> StepPlan:
+        blk = self.attn_block
+        start = (p0 // blk) * blk - blk  # first key position of the window, >= -blk
+        key = (p0 % blk, t, start < 0)  # the mask depends on nothing else
+        mask = self._masks.get(key)
+        if mask is None:
+            qp = torch.arange(p0, p0 + t, device=device)[:, None]
+            kp = start + torch.arange(2 * blk + t - 1, device=device)[None, :]
+            mask = self._masks[key] = window_mask(qp, kp, blk)  # (T, width)
+        return StepPlan(True, t, mask, mask.shape[1], r0=r0, r1=r0 + b, p0=p0, lo=start + blk)
+
+    def _gathered_plan(self, rows: torch.Tensor, pos: torch.Tensor) -> StepPlan:
+        b, t = pos.shape
+        blk, h, big_b, n = self.attn_block, self.n_head, self.batch, self.stored_len
+        start = (pos[:, :1] // blk) * blk - blk  # (b, 1), may be < 0
+        width = 2 * blk + t - 1  # covers every key of every query in the row
+        key_pos = start + torch.arange(width, device=pos.device)  # (b, L)
+        mask = window_mask(pos[:, :, None], key_pos[:, None, :], blk)[:, None]  # (b, 1, T, L)
+        # flat slot of (kv, row, head, position p): ((kv * B + row) * H + head) * n + p + blk
+        lead = ((torch.arange(2, device=pos.device)[:, None, None] * big_b + rows[None, :, None]) * h
+                + torch.arange(h, device=pos.device)[None, None, :]) * n + blk  # (2, b, H)
+        write = lead[..., None] + pos[None, :, None, :]  # (2, b, H, T)
+        read = lead[..., None] + key_pos[None, :, None, :]  # (2, b, H, L)
+        return StepPlan(False, t, mask, width, write_idx=write.reshape(-1),
+                        read_idx=read.reshape(-1))
+
+    def update(
+        self, layer: int, plan: StepPlan, kv_new: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write kv_new (2, b, H, T, head_dim) (any strides) at the plan's positions; return the
+        window's keys and values, each (b, H, width, head_dim)."""
+        kv = self.kv[layer]
+        if plan.shared:
+            at = plan.p0 + self.attn_block
+            kv[:, plan.r0 : plan.r1, :, at : at + plan.t].copy_(kv_new)
+            win = kv[:, plan.r0 : plan.r1, :, plan.lo : plan.lo + plan.width]
+            return win[0], win[1]
+        flat = kv.view(-1, self.head_dim)
+        flat.index_copy_(0, plan.write_idx, kv_new.reshape(-1, self.head_dim).to(kv.dtype))
+        b = kv_new.shape[1]
+        win = flat.index_select(0, plan.read_idx).view(2, b, self.n_head, plan.width, self.head_dim)
+        return win[0], win[1]
+
+
 @dataclass
 class AttentionWindow:
-    """Where one incremental decoder call writes and reads, shared by all layers.
+    """Where one incremental call of the reference path writes and reads (``FlatKVCache``).
 
     write_idx: long (b*T,) flat cache slots of the T new tokens of each of b rows.
     read_idx: long (b*L,) flat cache slots of the L keys each row's queries may see.
@@ -34,8 +159,10 @@ class AttentionWindow:
     width: int
 
 
-class KVCache:
-    """Keys and values of ``n_layer`` layers, each stored as (batch * max_len, d_model)."""
+class FlatKVCache:
+    """The reference layout: keys and values of ``n_layer`` layers, each stored as
+    (batch * max_len, d_model), so that writing and reading windows of many rows at different
+    positions is a single ``index_copy_`` / ``index_select``."""
 
     def __init__(
         self,
@@ -52,19 +179,14 @@ class KVCache:
         self.max_len = max_len
 
     def window(self, rows: torch.Tensor, pos: torch.Tensor, attn_block: int) -> AttentionWindow:
-        """The masked local-1D window (Parmar et al. 2018, section 3.2) of new tokens.
-
-        rows: long (b,) cache rows; pos: long (b, T) contiguous positions of each row.
-        Query q sees keys [start(q) - attn_block, q], start(q) the first position of q's block.
-        """
+        """The masked local-1D window of new tokens: rows long (b,) cache rows; pos long (b, T)
+        contiguous positions of each row. Query q sees keys [start(q) - attn_block, q]."""
         b, t = pos.shape
         base = (rows * self.max_len)[:, None]
         start = (pos[:, :1] // attn_block) * attn_block - attn_block  # (b, 1), may be < 0
         width = 2 * attn_block + t - 1  # covers every key of every query in the row
         key_pos = start + torch.arange(width, device=pos.device)  # (b, L)
-        qp = pos[:, :, None]
-        kp = key_pos[:, None, :]
-        mask = (kp >= (qp // attn_block) * attn_block - attn_block) & (kp <= qp) & (kp >= 0)
+        mask = window_mask(pos[:, :, None], key_pos[:, None, :], attn_block)
         read = base + key_pos.clamp(0, self.max_len - 1)  # clamped slots are masked (kp > qp)
         return AttentionWindow((base + pos).reshape(-1), read.reshape(-1), mask[:, None], width)
 

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import AttentionWindow, KVCache
+from . import step
+from .cache import AttentionWindow, FlatKVCache, KVCache
 from .config import CHANNELS, HR_SIZE, N_HR_TOKENS, N_INTENSITIES, N_LR_TOKENS, ModelConfig
 from .tokens import channel_offset, hr_position_tables, shift_right
 
@@ -210,7 +211,7 @@ class LocalSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: FlatKVCache | None = None,
         layer: int = 0,
         win: AttentionWindow | None = None,
     ) -> torch.Tensor:
@@ -240,7 +241,7 @@ class LocalSelfAttention(nn.Module):
         )
         return y.reshape(b, h, t, hd).transpose(1, 2)  # (B, T, H, hd)
 
-    def _cached(self, q, k, v, cache: KVCache, layer: int, win: AttentionWindow) -> torch.Tensor:
+    def _cached(self, q, k, v, cache: FlatKVCache, layer: int, win: AttentionWindow) -> torch.Tensor:
         b, t, h, hd = q.shape
         kw, vw = cache.update(layer, win, k.reshape(b, t, h * hd), v.reshape(b, t, h * hd))
         kw = kw.view(b, win.width, h, hd).transpose(1, 2)  # (b, H, L, hd)
@@ -392,7 +393,7 @@ class ImageTransformer(nn.Module):
         ctx: EncoderContext,
         inputs: torch.Tensor,
         pos: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | FlatKVCache | None = None,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decoder output h (B, T, d).
@@ -400,10 +401,15 @@ class ImageTransformer(nn.Module):
         inputs: long (B, T) vocabulary ids of the token *before* each position
             (``tokens.shift_right`` / ``tokens.previous_token_inputs``).
         Full pass (no cache): inputs hold positions 0..T-1.
-        Incremental pass: pos long (B, T) contiguous positions of each row, the KVCache, and
+        Incremental pass: pos long (B, T) contiguous positions of each row, the cache, and
             rows long (B,) the cache row of each batch row. Positions past 3071 (padding fed
             near the end) reuse position 3071's embedding; their outputs are never used.
+            With a ``KVCache`` (``new_cache()``) this is ``bpd_sr.step.decoder_step``; with a
+            ``FlatKVCache`` (``new_cache(reference=True)``) the module path below, which
+            computes the same numbers with many more operations (the parity reference).
         """
+        if isinstance(cache, KVCache):
+            return step.decoder_step(self, ctx, inputs, pos, cache, rows)
         b, t = inputs.shape
         if cache is None:
             blk = self.cfg.attn_block
@@ -427,8 +433,15 @@ class ImageTransformer(nn.Module):
     ) -> torch.Tensor:
         """Logits of the first n_slots slots: h (B, T, d), pos long (B, T) -> (B, T, n_slots, 256).
 
-        Slot i at position p predicts target p + i, so it gets the conditioning logits of p + i.
+        Slot i at position p predicts target p + i, so it gets the conditioning logits of p + i
+        (``bpd_sr.step.slot_logits``).
         """
+        return step.slot_logits(self, ctx, h, pos, n_slots)
+
+    def reference_logits(
+        self, ctx: EncoderContext, h: torch.Tensor, pos: torch.Tensor, n_slots: int = 1
+    ) -> torch.Tensor:
+        """``logits`` through the modules and a flat gather: the parity reference."""
         out = self.out_proj(self.heads(h, n_slots))  # (B, T, n_slots, 256)
         b, t = pos.shape
         n_cond = ctx.cond_logits.shape[1]
@@ -450,10 +463,16 @@ class ImageTransformer(nn.Module):
         cond = ctx.cond_logits[:, :N_HR_TOKENS]  # the auxiliary loss sees the net's own logits
         return self.logits(ctx, h, pos, self.cfg.k), cond / self.cfg.cond_scale
 
-    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """A cache for ``batch`` images: by default 3072 positions plus k + 1 of look-ahead."""
+    def new_cache(
+        self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+        reference: bool = False,
+    ) -> KVCache | FlatKVCache:
+        """A cache for ``batch`` images: by default 3072 positions plus k + 1 of look-ahead.
+        reference: the token-major ``FlatKVCache`` of the module path (parity tests, benchmark)."""
         p = next(self.parameters())
-        return KVCache(
-            self.cfg.n_dec_layer, batch, max_len or N_HR_TOKENS + self.cfg.k + 1, self.cfg.d_model,
-            dtype or p.dtype, p.device,
-        )
+        n, dtype = max_len or N_HR_TOKENS + self.cfg.k + 1, dtype or p.dtype
+        cfg = self.cfg
+        if reference:
+            return FlatKVCache(cfg.n_dec_layer, batch, n, cfg.d_model, dtype, p.device)
+        return KVCache(cfg.n_dec_layer, batch, n, cfg.n_head, cfg.d_model // cfg.n_head,
+                       cfg.attn_block, dtype, p.device)

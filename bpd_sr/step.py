@@ -1,0 +1,154 @@
+"""One incremental decoder step in plain functional code: the step every decode runs.
+
+``ImageTransformer.decoder_hidden`` (with a ``KVCache``) and ``ImageTransformer.logits``
+call these. They compute exactly what the module path computes (``LocalSelfAttention`` and
+friends on a ``FlatKVCache``: the same operations on the same values, bit for bit in
+float64; tested), with far fewer operations per step, because at batch 1 a step of this
+model is mostly per-operation overhead:
+
+- the weights are read straight from the parameters (``DecoderWeights``, gathered once per
+  model), with no ``nn.Module.__call__``, hooks or dropout layers per step;
+- the head-major ``KVCache`` hands the attention its window as a view where the rows share
+  positions, with a mask made once and reused (see ``bpd_sr.cache``);
+- the position embeddings and conditioning logits of rows that share positions are slices
+  of the encoder context instead of flat gathers.
+
+Decoding is inference: dropout is off (``model.eval()``; a model in training mode with
+dropout is refused rather than decoded differently from the module path).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .cache import KVCache, StepPlan
+from .config import N_HR_TOKENS, N_INTENSITIES
+
+
+class LayerWeights(NamedTuple):
+    """The parameters of one decoder layer, in the order the step uses them."""
+
+    ln1: tuple[torch.Tensor, torch.Tensor]
+    qkv: tuple[torch.Tensor, torch.Tensor]
+    attn_proj: tuple[torch.Tensor, torch.Tensor]
+    ln2: tuple[torch.Tensor, torch.Tensor]
+    cross_q: tuple[torch.Tensor, torch.Tensor]
+    cross_proj: tuple[torch.Tensor, torch.Tensor]
+    ln3: tuple[torch.Tensor, torch.Tensor]
+    fc: tuple[torch.Tensor, torch.Tensor]
+    mlp_proj: tuple[torch.Tensor, torch.Tensor]
+
+
+class DecoderWeights(NamedTuple):
+    """References to the decoder's parameters (no copies: in-place updates stay visible)."""
+
+    layers: tuple[LayerWeights, ...]
+    ln: tuple[torch.Tensor, torch.Tensor]
+    eps: float
+    n_head: int
+    attn_block: int
+
+
+def _wb(m) -> tuple[torch.Tensor, torch.Tensor]:
+    return m.weight, m.bias
+
+
+def decoder_weights(model) -> DecoderWeights:
+    """The decoder's parameters as plain tuples, gathered once per model and kept on it.
+
+    They are the Parameter objects themselves, so training, ``load_state_dict`` and ``.to()``
+    (which all update parameters in place) stay visible; a replaced submodule is noticed by
+    comparing the first layer's qkv weight."""
+    cached = getattr(model, "_decoder_weights", None)
+    if cached is not None and cached.layers[0].qkv[0] is model.dec_layers[0].self_attn.qkv.weight:
+        return cached
+    layers = tuple(
+        LayerWeights(
+            _wb(layer.ln1), _wb(layer.self_attn.qkv), _wb(layer.self_attn.proj), _wb(layer.ln2),
+            _wb(layer.cross_attn.q), _wb(layer.cross_attn.proj), _wb(layer.ln3),
+            _wb(layer.mlp.fc), _wb(layer.mlp.proj),
+        )
+        for layer in model.dec_layers
+    )
+    w = DecoderWeights(layers, _wb(model.dec_ln), model.dec_ln.eps, model.cfg.n_head,
+                       model.cfg.attn_block)
+    model._decoder_weights = w
+    return w
+
+
+def _shared_rows(pos: torch.Tensor) -> int | None:
+    """The position of column 0 when every row has the same one, else None. pos: (b, T)."""
+    p = pos[:, 0].tolist()
+    return p[0] if all(x == p[0] for x in p) else None
+
+
+def input_embeddings(model, ctx, inputs: torch.Tensor, pos: torch.Tensor, p0: int | None):
+    """The decoder input of the new tokens: (B, T, d). Positions past 3071 (padding fed near
+    the end) reuse position 3071's embedding; their outputs are never used."""
+    b, t = inputs.shape
+    tok = F.embedding(inputs, model.dec_tok.weight)
+    if p0 is not None and p0 + t <= N_HR_TOKENS:
+        return tok + ctx.dec_pos[:, p0 : p0 + t]
+    flat = torch.arange(b, device=pos.device)[:, None] * N_HR_TOKENS + pos.clamp(max=N_HR_TOKENS - 1)
+    emb = ctx.dec_pos.reshape(b * N_HR_TOKENS, -1).index_select(0, flat.reshape(-1))
+    return tok + emb.view(b, t, -1)
+
+
+def decoder_layers(
+    w: DecoderWeights, x: torch.Tensor, cross_kv, cache: KVCache, plan: StepPlan
+) -> torch.Tensor:
+    """The decoder layers over the new tokens x (b, T, d) -> (b, T, d), final norm included.
+
+    Each layer: x + self-attention(ln1 x) over the cached window, + cross-attention(ln2 x)
+    over the encoder memory, + MLP(ln3 x): the module path's operations in its order."""
+    b, t, d = x.shape
+    h, hd, eps = w.n_head, d // w.n_head, w.eps
+    for i, lw in enumerate(w.layers):
+        qkv = F.linear(F.layer_norm(x, (d,), *lw.ln1, eps), *lw.qkv).view(b, t, 3, h, hd)
+        k, v = cache.update(i, plan, qkv[:, :, 1:].permute(2, 0, 3, 1, 4))  # (2, b, H, T, hd)
+        y = F.scaled_dot_product_attention(qkv[:, :, 0].transpose(1, 2), k, v, attn_mask=plan.mask)
+        x = x + F.linear(y.transpose(1, 2).reshape(b, t, d), *lw.attn_proj)
+        q = F.linear(F.layer_norm(x, (d,), *lw.ln2, eps), *lw.cross_q).view(b, t, h, hd)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), *cross_kv[i])
+        x = x + F.linear(y.transpose(1, 2).reshape(b, t, d), *lw.cross_proj)
+        ff = F.relu(F.linear(F.layer_norm(x, (d,), *lw.ln3, eps), *lw.fc))
+        x = x + F.linear(ff, *lw.mlp_proj)
+    return F.layer_norm(x, (d,), *w.ln, eps)
+
+
+def decoder_step(model, ctx, inputs: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+                 rows: torch.Tensor) -> torch.Tensor:
+    """Decoder output h (b, T, d) of T new tokens per row, writing their keys and values.
+
+    inputs: long (b, T) vocabulary ids of the token before each position; pos: long (b, T)
+    contiguous positions of each row; rows: long (b,) the cache row of each batch row."""
+    if model.training and model.cfg.dropout > 0:
+        raise RuntimeError("incremental decoding runs without dropout: call model.eval() first")
+    w = decoder_weights(model)
+    plan = cache.plan(rows, pos)
+    x = input_embeddings(model, ctx, inputs, pos, plan.p0 if plan.shared else None)
+    return decoder_layers(w, x, ctx.cross_kv, cache, plan)
+
+
+def slot_logits(model, ctx, h: torch.Tensor, pos: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """Logits of the first n_slots proposal slots: h (b, T, d), pos long (b, T) (any
+    positions) -> (b, T, n_slots, 256). Slot i at position p gets the conditioning logits of
+    p + i: a slice of the context when every row asks for the same single position."""
+    heads = model.heads
+    slots = h.unsqueeze(-2) if heads.identity_first_slot and n_slots == 1 else heads(h, n_slots)
+    out = F.linear(slots, model.out_proj.weight, model.out_proj.bias)  # (b, T, n_slots, 256)
+    b, t = pos.shape
+    cond_all = ctx.cond_logits
+    p0 = _shared_rows(pos) if t == 1 else None
+    if p0 is not None and p0 + n_slots <= cond_all.shape[1]:
+        cond = cond_all[:, None, p0 : p0 + n_slots]  # (b, 1, n_slots, 256), a view
+        return out + cond.to(out.dtype)
+    n_cond = cond_all.shape[1]
+    target_pos = pos[:, :, None] + torch.arange(n_slots, device=pos.device)  # (b, T, S)
+    flat = torch.arange(b, device=pos.device)[:, None, None] * n_cond \
+        + target_pos.clamp(max=n_cond - 1)
+    cond = cond_all.reshape(b * n_cond, N_INTENSITIES).index_select(0, flat.reshape(-1))
+    return out + cond.view(b, t, n_slots, N_INTENSITIES).to(out.dtype)
