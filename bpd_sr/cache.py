@@ -30,6 +30,12 @@ from dataclasses import dataclass
 import torch
 
 
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool mask -> 0 / -inf of ``dtype``: what attention turns a bool mask into on every
+    call, done once per step (or once per cache) instead of once per layer."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def window_mask(qpos: torch.Tensor, kpos: torch.Tensor, attn_block: int) -> torch.Tensor:
     """Masked local-1D attention (Parmar et al. 2018, section 3.2): query q sees keys
     [start(q) - attn_block, q], start(q) the first position of q's block; never a key < 0.
@@ -49,7 +55,7 @@ class StepPlan:
 
     shared: every row sits at the same positions p0..p0+T-1 and the rows are the contiguous
         cache rows r0..r1-1; the window is the view [lo, lo + width) along the stored axis.
-    mask: bool (T, width) when shared, (b, 1, T, width) when gathered.
+    mask: additive (0 / -inf) float mask, (T, width) when shared, (b, 1, T, width) when gathered.
     write_idx / read_idx (gathered only): long (2*b*H*T,) and (2*b*H*width,) flat slots of the
         cache viewed as (2*B*H*stored_len, head_dim).
     """
@@ -108,7 +114,7 @@ class KVCache:
         if mask is None:
             qp = torch.arange(p0, p0 + t, device=device)[:, None]
             kp = start + torch.arange(2 * blk + t - 1, device=device)[None, :]
-            mask = self._masks[key] = window_mask(qp, kp, blk)  # (T, width)
+            mask = self._masks[key] = additive(window_mask(qp, kp, blk), self.kv[0].dtype)
         return StepPlan(True, t, mask, mask.shape[1], r0=r0, r1=r0 + b, p0=p0, lo=start + blk)
 
     def _gathered_plan(self, rows: torch.Tensor, pos: torch.Tensor) -> StepPlan:
@@ -118,6 +124,7 @@ class KVCache:
         width = 2 * blk + t - 1  # covers every key of every query in the row
         key_pos = start + torch.arange(width, device=pos.device)  # (b, L)
         mask = window_mask(pos[:, :, None], key_pos[:, None, :], blk)[:, None]  # (b, 1, T, L)
+        mask = additive(mask, self.kv[0].dtype)
         # flat slot of (kv, row, head, position p): ((kv * B + row) * H + head) * n + p + blk
         lead = ((torch.arange(2, device=pos.device)[:, None, None] * big_b + rows[None, :, None]) * h
                 + torch.arange(h, device=pos.device)[None, None, :]) * n + blk  # (2, b, H)

@@ -213,7 +213,7 @@ class _Batch:
 def blockwise_parallel_decode(
     model: ImageTransformer,
     lr: torch.Tensor,
-    k: int | None = None,
+    k: int | str | None = None,
     epsilon: int = 0,
     top_t: int | None = None,
     min_block: int = 1,
@@ -226,7 +226,9 @@ def blockwise_parallel_decode(
 ) -> DecodeResult:
     """Blockwise parallel decoding of a batch of low-res images.
 
-    lr: uint8 (B, 8, 8, 3). k: proposals per step, 1 <= k <= model.cfg.k (default: all).
+    lr: uint8 (B, 8, 8, 3). k: proposals per step, 1 <= k <= model.cfg.k (default: all), or
+    "auto": the fastest k at this batch size for this rule, measured (``bpd_sr.autok``),
+    which may be plain sequential decoding (``sample_decode``) when no k pays.
     rule: the decoding rule (``bpd_sr.rules``): it gives the proposals (each slot's rule
     value, unless ``proposer`` is given) and the base's choice each proposal is tested
     against. epsilon / top_t: the acceptance test (``acceptance_test``). min_block: accept at
@@ -244,8 +246,17 @@ def blockwise_parallel_decode(
     proposals are drawn from the heads, ``generator`` makes it reproducible).
     n_tokens: decode only the first n tokens (the rest stay 0; for tests).
     """
+    if k == "auto":
+        from .autok import choose_k
+
+        extra = {} if proposer is None else {"proposer": proposer}
+        k = choose_k(model, lr, epsilon=epsilon, top_t=top_t, min_block=min_block, rule=rule,
+                     refine=refine, temperature=temperature, **extra).k
+        if k == 1:
+            return sample_decode(model, lr, temperature, generator, n_tokens, rule=rule)
+        min_block = min(min_block, k)
     k = model.cfg.k if k is None else k
-    if not 1 <= k <= model.cfg.k:
+    if not isinstance(k, int) or not 1 <= k <= model.cfg.k:
         raise ValueError(f"k must be in 1..{model.cfg.k} for this model, got {k}")
     if not 1 <= min_block <= k:
         raise ValueError(f"min_block must be in 1..k, got {min_block}")

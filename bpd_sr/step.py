@@ -137,6 +137,9 @@ def slot_logits(model, ctx, h: torch.Tensor, pos: torch.Tensor, n_slots: int) ->
     """Logits of the first n_slots proposal slots: h (b, T, d), pos long (b, T) (any
     positions) -> (b, T, n_slots, 256). Slot i at position p gets the conditioning logits of
     p + i: a slice of the context when every row asks for the same single position."""
+    # all proposal slots, then the first n_slots: computing only those would read less of the
+    # heads' 4 MB projection, but BLAS picks other kernels for other matrix widths (measured:
+    # float64 results change in the last bit), and the module path is the reference
     heads = model.heads
     slots = h.unsqueeze(-2) if heads.identity_first_slot and n_slots == 1 else heads(h, n_slots)
     out = F.linear(slots, model.out_proj.weight, model.out_proj.bias)  # (b, T, n_slots, 256)

@@ -35,7 +35,7 @@ def chunked_logits(model, lr, targets, chunks, reference: bool, offsets=None):
         inputs = previous_token_inputs(prev.gather(1, pos.clamp(max=N_HR_TOKENS)), pos)
         h = model.decoder_hidden(ctx, inputs, pos, cache, rows)
         hs.append(h)
-        slots.append(logits(ctx, h, pos, model.cfg.k))
+        slots.append(torch.cat([logits(ctx, h, pos, n) for n in range(1, model.cfg.k + 1)], 2))
         base.append(logits(ctx, h[:, -1:], pos[:, -1:], 1))
         p += t
     return torch.cat(hs, 1), torch.cat(slots, 1), torch.cat(base, 1)

@@ -1,0 +1,179 @@
+"""k = "auto": the number of proposals (or sequential decoding) that is fastest at a batch size.
+
+A blockwise step verifies k proposals, so it costs more than a sequential step over one
+token: little more at batch 1, where a step is mostly reading weights and per-operation
+overhead, and up to k times more once a batch makes the step compute-bound. It pays when the
+tokens it accepts per step outweigh that. So the choice is
+
+    k* = argmax over k of  E[tokens per step at k] / seconds per step at (batch, k),
+
+with k = 1 meaning plain sequential decoding (one token per step, no proposal heads).
+
+- Seconds per step are measured on this machine, at this batch size, by timing short
+  decodes of each candidate k (the decoding loop's own bookkeeping included).
+- Tokens per step come from the lengths L that blockwise decoding at the model's largest k
+  accepts on the first images of the batch (a short calibration decode with the same
+  acceptance rule): a step at a smaller k accepts min(L, k), so
+  E[tokens per step at k] = sum over j = 1..k of P(L >= j).
+
+Both are measured once per (model, rule, batch size, threads) and kept in memory and in a
+small JSON file in the user's cache folder (``$XDG_CACHE_HOME/bpd-sr``, else
+``~/.cache/bpd-sr``; ``BPD_SR_CACHE=off`` turns the file off), so repeated runs pay nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+CANDIDATES = (1, 2, 3, 4, 6, 8, 10)
+CALIBRATION_TOKENS = 256  # tokens of up to 2 images decoded to measure acceptance
+TIMING_STEPS = 8  # steps timed per candidate (at least; the best of two tries)
+
+
+@dataclass
+class AutoK:
+    """The choice and what it rests on. k: 1 = sequential. seconds_per_step and
+    tokens_per_step per candidate k (str keys, as in JSON); tokens_per_second = their ratio
+    times the batch size."""
+
+    k: int
+    batch: int
+    seconds_per_step: dict[str, float]
+    tokens_per_step: dict[str, float]
+    tokens_per_second: dict[str, float]
+    calibration_seconds: float
+
+
+def expected_tokens(accepted: torch.Tensor, k: int) -> float:
+    """Mean tokens per step at k, from lengths accepted at a larger k: mean of min(L, k)."""
+    return float(accepted.clamp(max=k).double().mean())
+
+
+def pick(seconds_per_step: dict[int, float], tokens_per_step: dict[int, float]) -> int:
+    """The k with the most tokens per second (ties: the smaller k)."""
+    return max(sorted(seconds_per_step), key=lambda k: tokens_per_step[k] / seconds_per_step[k])
+
+
+def _decode(model, lr, k: int, n_tokens: int, rule: dict):
+    from .decoding import blockwise_parallel_decode, sample_decode
+
+    if k == 1:
+        return sample_decode(model, lr, rule.get("temperature", 0.0), _generator(rule),
+                             n_tokens=n_tokens, **_sequential_rule(rule))
+    return blockwise_parallel_decode(model, lr, k=k, n_tokens=n_tokens, **_blockwise_rule(rule))
+
+
+def _generator(rule: dict):
+    return torch.Generator().manual_seed(0) if rule.get("temperature", 0.0) > 0 else None
+
+
+def _sequential_rule(rule: dict) -> dict:
+    """What sequential decoding takes of the rule: the decoding rule, when there is one."""
+    return {k: v for k, v in rule.items() if k == "rule"}
+
+
+def _blockwise_rule(rule: dict) -> dict:
+    out = dict(rule)
+    if out.get("temperature", 0.0) > 0:
+        out["generator"] = _generator(rule)
+    return out
+
+
+def _seconds_per_step(model, batch: int, k: int, rule: dict) -> float:
+    """Seconds per step at this batch size: the difference of a short and a longer decode
+    (so that encoding and setting up the cache cancel), the best of two tries."""
+    lr = torch.zeros(batch, 8, 8, 3, dtype=torch.uint8)
+    short_tokens, long_tokens = 2 * k, (2 + TIMING_STEPS) * k
+    best = float("inf")
+    for _ in range(2):
+        short = _decode(model, lr, k, short_tokens, rule)
+        long = _decode(model, lr, k, long_tokens, rule)
+        steps = max(long.steps) - max(short.steps)
+        if steps > 0:
+            best = min(best, max(long.seconds - short.seconds, 1e-9) / steps)
+    return best
+
+
+def _fingerprint(model, batch: int, rule: dict, candidates) -> str:
+    p = model.out_proj.weight
+    h = hashlib.sha256()
+    h.update(json.dumps([model.cfg.to_dict(), rule, batch, list(candidates), str(p.device),
+                         str(p.dtype), torch.get_num_threads(), torch.__version__],
+                        sort_keys=True, default=str).encode())
+    for t in (model.out_proj.weight, model.heads.state_dict().get("proj.weight", p)):
+        h.update(t.detach().float().cpu().numpy().tobytes()[:1 << 16])
+    return h.hexdigest()[:24]
+
+
+def _cache_file() -> Path | None:
+    if os.environ.get("BPD_SR_CACHE", "").lower() in ("off", "0", "no"):
+        return None
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "bpd-sr" / "autok.json"
+
+
+def _load(key: str) -> AutoK | None:
+    path = _cache_file()
+    try:
+        entry = json.loads(path.read_text()).get(key) if path and path.is_file() else None
+        return AutoK(**entry) if entry else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _save(key: str, choice: AutoK) -> None:
+    path = _cache_file()
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[key] = asdict(choice)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except (OSError, ValueError):
+        pass  # a cache that cannot be written only costs the next run a calibration
+
+
+@torch.inference_mode()
+def choose_k(model, lr: torch.Tensor, candidates=CANDIDATES, **rule) -> AutoK:
+    """The fastest k (1 = sequential) for decoding ``lr`` (uint8 (B, 8, 8, 3)) with the
+    acceptance rule ``rule`` (blockwise_parallel_decode's epsilon, top_t, min_block, rule,
+    temperature ...), measured as the module docstring says."""
+    batch = lr.shape[0]
+    ks = sorted({1, *[k for k in candidates if 1 <= k <= model.cfg.k]})
+    key = _fingerprint(model, batch, rule, ks)
+    memo = model.__dict__.setdefault("_autok", {})
+    if key in memo:
+        return memo[key]
+    choice = _load(key)
+    if choice is None:
+        t0 = time.perf_counter()
+        if len(ks) == 1:
+            accepted = torch.ones(1, dtype=torch.long)
+        else:
+            calib = _decode(model, lr[:2], ks[-1], CALIBRATION_TOKENS, rule)
+            accepted = torch.cat(calib.accepted)
+        secs = {k: _seconds_per_step(model, batch, k, rule) for k in ks}
+        toks = {k: expected_tokens(accepted, k) if k > 1 else 1.0 for k in ks}
+        choice = AutoK(
+            k=pick(secs, toks), batch=batch,
+            seconds_per_step={str(k): v for k, v in secs.items()},
+            tokens_per_step={str(k): v for k, v in toks.items()},
+            tokens_per_second={str(k): batch * toks[k] / secs[k] for k in ks},
+            calibration_seconds=time.perf_counter() - t0,
+        )
+        _save(key, choice)
+    memo[key] = choice
+    return choice
+
+
+__all__ = ["AutoK", "CANDIDATES", "choose_k", "expected_tokens", "pick"]

@@ -1,0 +1,49 @@
+"""k = "auto": the choice follows the measured costs and acceptance; decoding with it works."""
+
+from __future__ import annotations
+
+import torch
+
+from bpd_sr import autok, blockwise_parallel_decode, greedy_decode
+from tests.conftest import random_lr, tiny_model
+
+
+def test_expected_tokens_from_lengths_accepted_at_a_larger_k():
+    accepted = torch.tensor([1, 1, 2, 4, 8])
+    assert autok.expected_tokens(accepted, 1) == 1.0
+    assert autok.expected_tokens(accepted, 2) == (1 + 1 + 2 + 2 + 2) / 5
+    assert autok.expected_tokens(accepted, 8) == accepted.double().mean().item()
+
+
+def test_pick_trades_tokens_per_step_against_seconds_per_step():
+    tokens = {1: 1.0, 2: 1.5, 4: 2.5}
+    assert autok.pick({1: 1.0, 2: 1.2, 4: 1.5}, tokens) == 4  # cheap verification: long blocks
+    assert autok.pick({1: 1.0, 2: 2.0, 4: 4.0}, tokens) == 1  # compute-bound: sequential
+    assert autok.pick({1: 1.0, 2: 1.2, 4: 3.0}, tokens) == 2
+
+
+def test_auto_decodes_like_the_k_it_chose(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = tiny_model(k=4, seed=7)
+    lr = random_lr(2, seed=7)
+    choice = autok.choose_k(model, lr, epsilon=0, top_t=None, min_block=1, temperature=0.0)
+    assert choice.k in (1, 2, 3, 4)
+    assert set(choice.seconds_per_step) == {"1", "2", "3", "4"}
+    assert (tmp_path / "bpd-sr" / "autok.json").is_file()  # kept for the next run
+    res = blockwise_parallel_decode(model, lr, k="auto", n_tokens=300)
+    # exact acceptance: whatever k was chosen, the output is the greedy decode
+    assert torch.equal(res.images, greedy_decode(model, lr, n_tokens=300).images)
+
+
+def test_auto_follows_the_costs(monkeypatch, tmp_path):
+    """Force the measured costs: expensive verification gives sequential decoding (one token
+    per step), cheap verification a blockwise decode."""
+    monkeypatch.setenv("BPD_SR_CACHE", "off")
+    model = tiny_model(k=4, seed=8)
+    lr = random_lr(1, seed=8)
+    for per_token, expect_blockwise in ((1.0, False), (0.0, True)):
+        model.__dict__.pop("_autok", None)
+        monkeypatch.setattr(autok, "_seconds_per_step",
+                            lambda m, b, k, rule, c=per_token: 1.0 + c * (k - 1))
+        res = blockwise_parallel_decode(model, lr, k="auto", n_tokens=200)
+        assert (max(len(a) for a in res.accepted) < 200) == expect_blockwise
