@@ -263,4 +263,179 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["markdown_table", "plot", "sampling_table", "step_costs", "table", "throughput"]
+
+
+# ---- the speed report (issue: a decoding step near this CPU's limit) -----------------------
+
+def _step_fn(model, variant: str, batch: int, k: int, position: int = 1500):
+    """A zero-argument function running one decoding step at batch ``batch`` over k tokens
+    the way decoding runs it: the decoder over k new tokens and the base logits at each, plus
+    (k > 1) the proposal slots at the last one. variant: "reference" (the module path on the
+    token-major cache: the step as it was), "eager" (``bpd_sr.step``) or "compiled"."""
+    from .compiled import uncompile_decoder
+
+    if variant != "compiled":
+        uncompile_decoder(model)
+    lr = torch.zeros(batch, 8, 8, 3, dtype=torch.uint8, device=next(model.parameters()).device)
+    ctx = model.encode(lr)
+    cache = model.new_cache(batch, reference=variant == "reference")
+    logits = model.reference_logits if variant == "reference" else model.logits
+    rows = torch.arange(batch, device=lr.device)
+    pos = torch.arange(position, position + k, device=lr.device).expand(batch, -1)
+    inputs = previous_token_inputs(torch.full_like(pos, 7), pos)
+
+    def step():
+        h = model.decoder_hidden(ctx, inputs, pos, cache, rows)
+        out = logits(ctx, h, pos, 1)
+        if k > 1:
+            logits(ctx, h[:, -1:], pos[:, -1:], model.cfg.k)
+        return out
+
+    return step
+
+
+@torch.inference_mode()
+def step_seconds(model, variants=("reference", "eager"), ks=(1, 8), batch: int = 1,
+                 rounds: int = 7, repeats: int = 50, compiled=None) -> dict:
+    """Median seconds of one decoding step per variant and k (``_step_fn``), measured in
+    interleaved rounds (every variant and k once per round, then the median over rounds of
+    each round's median) so that other load on the machine hits all of them alike.
+    compiled: the ``CompiledStep`` to use for the "compiled" variant."""
+    fns = {}
+    for v in variants:
+        for k in ks:
+            fns[(v, k)] = _step_fn(model, v, batch, k)
+    samples: dict = {key: [] for key in fns}
+    for _ in range(rounds):
+        for (v, k), fn in fns.items():
+            if v == "compiled":
+                model._compiled_step = compiled
+            else:
+                model.__dict__.pop("_compiled_step", None)
+            for _ in range(3):
+                fn()
+            samples[(v, k)].append(_median_time(fn, repeats))
+    model.__dict__.pop("_compiled_step", None)
+    return {v: {k: statistics.median(samples[(v, k)]) for k in ks} for v in variants}
+
+
+@torch.inference_mode()
+def op_counts(model, variant: str, k: int = 1, batch: int = 1, compiled=None) -> dict:
+    """Operations one step runs (torch.profiler): top-level aten ops (the ones Python or a
+    compiled graph called) and all aten calls (nested ones included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn = _step_fn(model, variant, batch, k)
+    if variant == "compiled":
+        model._compiled_step = compiled
+    for _ in range(3):
+        fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    model.__dict__.pop("_compiled_step", None)
+    aten = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return {"top_level_aten_ops": len(top), "aten_calls": len(aten)}
+
+
+def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second one thread reads from memory: the best of ``repeats`` sums over a
+    buffer far larger than the caches."""
+    buf = torch.ones(megabytes * 2**20 // 4)
+    best = min(_median_time(buf.sum, 1) for _ in range(repeats))
+    return buf.numel() * 4 / best
+
+
+def decoder_bytes(model) -> dict:
+    """Bytes of the weights one step reads: the decoder layers, final norm and output layer
+    (a one-token step), and the proposal heads (read too by a blockwise step)."""
+    def size(mods):
+        return sum(p.numel() * p.element_size() for m in mods for p in m.parameters())
+
+    step = size([model.dec_layers, model.dec_ln, model.out_proj])
+    return {"one_token_step": step, "proposal_heads": size([model.heads])}
+
+
+@torch.inference_mode()
+def seconds_per_image(model, hr: torch.Tensor, batch_sizes=(1, 8, 32, 64), k_fixed: int | None = None,
+                      epsilon: int = 2, n_tokens: int = 3072, progress=None) -> list[dict]:
+    """At each batch size: seconds per image of sequential decoding, blockwise decoding with
+    k_fixed (default: the model's k) and with k = "auto" (its calibration timed apart, and not
+    counted: it is paid once per machine and kept). n_tokens < 3072 decodes only the first
+    n tokens of each image (for a quick run; the seconds are then per n tokens).
+    hr: uint8 (N, 32, 32, 3), N >= the largest batch size."""
+    from .autok import choose_k
+
+    lr = downsample(hr)
+    k_fixed = k_fixed or model.cfg.k
+    rows = []
+    for bs in batch_sizes:
+        if bs > len(lr):
+            continue
+        batch = lr[:bs]
+        if progress:
+            progress(f"batch {bs}: choosing k")
+        choice = choose_k(model, batch, epsilon=epsilon, top_t=None, min_block=1, temperature=0.0)
+        row = {"batch_size": bs, "n_tokens": n_tokens, "auto_k": choice.k,
+               "auto_calibration_seconds": choice.calibration_seconds,
+               "auto_measured_seconds_per_step": choice.seconds_per_step,
+               "auto_tokens_per_step": choice.tokens_per_step}
+        for name, kw in (("sequential", None), (f"k={k_fixed}", k_fixed), ("auto", "auto")):
+            if progress:
+                progress(f"batch {bs}: {name}")
+            if kw is None:
+                res = greedy_decode(model, batch, n_tokens=n_tokens)
+            else:
+                res = blockwise_parallel_decode(model, batch, k=kw, epsilon=epsilon, n_tokens=n_tokens)
+            row[name] = {"seconds_per_image": res.seconds / bs, "mean_accepted": res.mean_accepted}
+        rows.append(row)
+    return rows
+
+
+def speed_report(model, hr: torch.Tensor | None = None, batch_sizes=(1, 8, 32, 64), k: int = 8,
+                 compile_step: bool = True, n_tokens: int = 3072, rounds: int = 7,
+                 progress=None) -> dict:
+    """Everything the README's speed section shows, as data: per-step seconds at 1 and k
+    tokens for the step as it was, the eager step and the compiled one (with compile time),
+    operations per step, the weight-read floor, and seconds per image at each batch size."""
+    import platform
+
+    compiled, compile_seconds, variants = None, None, ("reference", "eager")
+    if compile_step:
+        from .compiled import CompiledStep, warm_up
+
+        if progress:
+            progress("compiling")
+        compiled = model._compiled_step = CompiledStep(model)
+        compile_seconds = warm_up(model, 1, (k,))
+        variants = ("reference", "eager", "compiled")
+    if progress:
+        progress("step costs")
+    steps = step_seconds(model, variants, (1, k), rounds=rounds, compiled=compiled)
+    ops = {v: {kk: op_counts(model, v, kk, compiled=compiled) for kk in (1, k)} for v in variants}
+    bw = memory_bandwidth()
+    weights = decoder_bytes(model)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor()) \
+        if platform.system() == "Linux" else platform.processor()
+    out = {
+        "machine": {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "k": k, "step_seconds": steps, "compile_seconds": compile_seconds, "ops_per_step": ops,
+        "memory_bandwidth_bytes_per_second": bw, "weight_bytes": weights,
+        "weight_read_floor_seconds": weights["one_token_step"] / bw,
+        "ratios": {
+            "eager_1_over_reference_1": steps["eager"][1] / steps["reference"][1],
+            f"eager_{k}_over_eager_1": steps["eager"][k] / steps["eager"][1],
+        },
+    }
+    if compiled is not None:
+        out["ratios"]["compiled_1_over_reference_1"] = steps["compiled"][1] / steps["reference"][1]
+        out["ratios"][f"compiled_{k}_over_compiled_1"] = steps["compiled"][k] / steps["compiled"][1]
+    if hr is not None:
+        out["seconds_per_image"] = seconds_per_image(model, hr, batch_sizes, n_tokens=n_tokens,
+                                                     progress=progress)
+    return out
+
+
+__all__ = ["markdown_table", "op_counts", "plot", "sampling_table", "seconds_per_image",
+           "speed_report", "step_costs", "step_seconds", "table", "throughput"]

@@ -73,11 +73,12 @@ class StepPlan:
 
 
 class KVCache:
-    """Keys and values of ``n_layer`` layers, each (2, batch, n_head, stored_len, head_dim).
+    """Keys and values of ``n_layer`` layers: ``data`` (n_layer, 2, batch, n_head, stored_len,
+    head_dim), and ``kv[layer]`` its view of one layer.
 
-    Position p is stored at index p + attn_block: a block of zeros in front and one behind
-    let every window be a view, even the first block's (which starts at -attn_block) and the
-    last one's; those slots are always masked."""
+    Position p is stored at index p + attn_block: a block of zeros in front and at least one
+    behind let every window be a view, even the first block's (which starts at -attn_block)
+    and the last one's; those slots are always masked."""
 
     def __init__(
         self,
@@ -90,9 +91,12 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        self.stored_len = max_len + 2 * attn_block
-        shape = (2, batch, n_head, self.stored_len, head_dim)
-        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        # rounded up so that caches of slightly different lengths share their strides, which
+        # a compiled step (bpd_sr.compiled) is specialised on
+        self.stored_len = -(-(max_len + 2 * attn_block) // 512) * 512
+        shape = (n_layer, 2, batch, n_head, self.stored_len, head_dim)
+        self.data = torch.zeros(shape, dtype=dtype, device=device)  # all layers in one tensor
+        self.kv = list(self.data.unbind(0))  # per layer (2, batch, n_head, stored_len, head_dim)
         self.batch, self.n_head, self.max_len, self.head_dim = batch, n_head, max_len, head_dim
         self.attn_block = attn_block
         self._masks: dict[tuple[int, int, bool], torch.Tensor] = {}

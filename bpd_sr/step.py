@@ -56,26 +56,29 @@ def _wb(m) -> tuple[torch.Tensor, torch.Tensor]:
     return m.weight, m.bias
 
 
-def decoder_weights(model) -> DecoderWeights:
+def layer_weights(layer) -> LayerWeights:
+    """The parameters of one ``DecoderLayer``."""
+    return LayerWeights(
+        _wb(layer.ln1), _wb(layer.self_attn.qkv), _wb(layer.self_attn.proj), _wb(layer.ln2),
+        _wb(layer.cross_attn.q), _wb(layer.cross_attn.proj), _wb(layer.ln3),
+        _wb(layer.mlp.fc), _wb(layer.mlp.proj),
+    )
+
+
+def decoder_weights(model, cached: bool = True) -> DecoderWeights:
     """The decoder's parameters as plain tuples, gathered once per model and kept on it.
 
     They are the Parameter objects themselves, so training, ``load_state_dict`` and ``.to()``
     (which all update parameters in place) stay visible; a replaced submodule is noticed by
-    comparing the first layer's qkv weight."""
-    cached = getattr(model, "_decoder_weights", None)
-    if cached is not None and cached.layers[0].qkv[0] is model.dec_layers[0].self_attn.qkv.weight:
-        return cached
-    layers = tuple(
-        LayerWeights(
-            _wb(layer.ln1), _wb(layer.self_attn.qkv), _wb(layer.self_attn.proj), _wb(layer.ln2),
-            _wb(layer.cross_attn.q), _wb(layer.cross_attn.proj), _wb(layer.ln3),
-            _wb(layer.mlp.fc), _wb(layer.mlp.proj),
-        )
-        for layer in model.dec_layers
-    )
-    w = DecoderWeights(layers, _wb(model.dec_ln), model.dec_ln.eps, model.cfg.n_head,
-                       model.cfg.attn_block)
-    model._decoder_weights = w
+    comparing the first layer's qkv weight. cached=False gathers them afresh, through the
+    modules (what ``torch.compile`` must see to treat them as parameters and freeze them)."""
+    known = getattr(model, "_decoder_weights", None) if cached else None
+    if known is not None and known.layers[0].qkv[0] is model.dec_layers[0].self_attn.qkv.weight:
+        return known
+    w = DecoderWeights(tuple(layer_weights(layer) for layer in model.dec_layers),
+                       _wb(model.dec_ln), model.dec_ln.eps, model.cfg.n_head, model.cfg.attn_block)
+    if cached:
+        model._decoder_weights = w
     return w
 
 
@@ -130,6 +133,9 @@ def decoder_step(model, ctx, inputs: torch.Tensor, pos: torch.Tensor, cache: KVC
     w = decoder_weights(model)
     plan = cache.plan(rows, pos)
     x = input_embeddings(model, ctx, inputs, pos, plan.p0 if plan.shared else None)
+    compiled = model.__dict__.get("_compiled_step")  # bpd_sr.compiled.compile_decoder
+    if compiled is not None and plan.shared:
+        return compiled.decoder(x, ctx.cross_kv, cache, plan)
     return decoder_layers(w, x, ctx.cross_kv, cache, plan)
 
 
@@ -137,18 +143,23 @@ def slot_logits(model, ctx, h: torch.Tensor, pos: torch.Tensor, n_slots: int) ->
     """Logits of the first n_slots proposal slots: h (b, T, d), pos long (b, T) (any
     positions) -> (b, T, n_slots, 256). Slot i at position p gets the conditioning logits of
     p + i: a slice of the context when every row asks for the same single position."""
+    b, t = pos.shape
+    cond_all = ctx.cond_logits
+    p0 = _shared_rows(pos) if t == 1 else None
+    shared = p0 is not None and p0 + n_slots <= cond_all.shape[1]
+    compiled = model.__dict__.get("_compiled_step")  # bpd_sr.compiled.compile_decoder
+    if shared and compiled is not None:
+        # h copied to fresh strides: the compiled graph is specialised on them
+        h = torch.empty((b, 1, h.shape[-1]), dtype=h.dtype, device=h.device).copy_(h)
+        return compiled.logits(h, cond_all[:, None, p0 : p0 + n_slots], n_slots)
     # all proposal slots, then the first n_slots: computing only those would read less of the
     # heads' 4 MB projection, but BLAS picks other kernels for other matrix widths (measured:
     # float64 results change in the last bit), and the module path is the reference
     heads = model.heads
     slots = h.unsqueeze(-2) if heads.identity_first_slot and n_slots == 1 else heads(h, n_slots)
     out = F.linear(slots, model.out_proj.weight, model.out_proj.bias)  # (b, T, n_slots, 256)
-    b, t = pos.shape
-    cond_all = ctx.cond_logits
-    p0 = _shared_rows(pos) if t == 1 else None
-    if p0 is not None and p0 + n_slots <= cond_all.shape[1]:
-        cond = cond_all[:, None, p0 : p0 + n_slots]  # (b, 1, n_slots, 256), a view
-        return out + cond.to(out.dtype)
+    if shared:
+        return out + cond_all[:, None, p0 : p0 + n_slots].to(out.dtype)  # a view: (b, 1, S, 256)
     n_cond = cond_all.shape[1]
     target_pos = pos[:, :, None] + torch.arange(n_slots, device=pos.device)  # (b, T, S)
     flat = torch.arange(b, device=pos.device)[:, None, None] * n_cond \

@@ -140,3 +140,24 @@ def test_step_refuses_dropout_in_training_mode():
     pos = torch.zeros(1, 1, dtype=torch.long)
     with pytest.raises(RuntimeError, match="eval"):
         model.decoder_hidden(model.encode(lr), pos, pos, model.new_cache(1), torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_the_eager_step():
+    """torch.compile'd steps (bpd_sr.compiled) give the eager step's logits to float32
+    rounding, one token and several at a time (compiles for a minute or so: marked slow)."""
+    from bpd_sr.compiled import compile_decoder, uncompile_decoder
+
+    model = tiny_model(k=3, seed=4, dtype=torch.float32)
+    lr = random_lr(1, seed=4)
+    targets = torch.randint(0, 256, (1, N_HR_TOKENS), generator=torch.Generator().manual_seed(4))
+    chunks = [1] * 70 + [3] * 30
+    with torch.inference_mode():
+        eager = chunked_logits(model, lr, targets, chunks, reference=False)
+        compile_decoder(model, options={"freezing": True})
+        try:
+            compiled = chunked_logits(model, lr, targets, chunks, reference=False)
+        finally:
+            uncompile_decoder(model)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
