@@ -437,5 +437,45 @@ def speed_report(model, hr: torch.Tensor | None = None, batch_sizes=(1, 8, 32, 6
     return out
 
 
+def speed_markdown(r: dict) -> str:
+    """The speed report (``speed_report``) as Markdown tables."""
+    k, st, ops = r["k"], r["step_seconds"], r["ops_per_step"]
+    names = {"reference": "as it was (modules, token-major cache)", "eager": "eager step",
+             "compiled": "compiled step"}
+    ref1 = st["reference"][1]
+    lines = [f"CPU: {r['machine']['cpu']}, {r['machine']['threads']} thread(s), torch "
+             f"{r['machine']['torch']}. One decoding step at batch 1 (medians of interleaved rounds):",
+             "", f"| step | 1 token (ms) | {k} tokens (ms) | {k} / 1 | 1 token / as it was "
+             f"| aten ops per step: top-level, all (1 token) |", "|---|---|---|---|---|---|"]
+    for v in st:
+        lines.append(f"| {names.get(v, v)} | {st[v][1] * 1e3:.3f} | {st[v][k] * 1e3:.3f} | "
+                     f"{st[v][k] / st[v][1]:.2f} | {st[v][1] / ref1:.2f} | "
+                     f"{ops[v][1]['top_level_aten_ops']}, {ops[v][1]['aten_calls']} |")
+    lines += ["", f"Weight-read floor of a one-token step: {r['weight_bytes']['one_token_step'] / 1e6:.1f} MB "
+              f"of weights at {r['memory_bandwidth_bytes_per_second'] / 1e9:.1f} GB/s measured = "
+              f"{r['weight_read_floor_seconds'] * 1e3:.3f} ms (the proposal heads add "
+              f"{r['weight_bytes']['proposal_heads'] / 1e6:.1f} MB to a blockwise step)."]
+    if r.get("compile_seconds") is not None:
+        lines.append(f"Compiling (or loading from Inductor's cache) the 1- and {k}-token steps took "
+                     f"{r['compile_seconds']:.1f} s.")
+    rows = r.get("seconds_per_image")
+    if rows:
+        kk = next(key for key in rows[0] if key.startswith("k="))
+        lines += ["", f"Seconds per image (first {rows[0]['n_tokens']} tokens of each; epsilon 2; "
+                  "the k=auto calibration is timed apart):", "",
+                  f"| batch | sequential | blockwise {kk} (mean block) | k=auto: chosen k | k=auto "
+                  "| auto / sequential | calibration (s) |", "|---|---|---|---|---|---|---|"]
+        for row in rows:
+            seq, fix, auto = row["sequential"], row[kk], row["auto"]
+            lines.append(
+                f"| {row['batch_size']} | {seq['seconds_per_image']:.3f} | "
+                f"{fix['seconds_per_image']:.3f} ({fix['mean_accepted']:.2f}) | "
+                f"{row['auto_k'] if row['auto_k'] > 1 else '1 (sequential)'} | "
+                f"{auto['seconds_per_image']:.3f} | "
+                f"{auto['seconds_per_image'] / seq['seconds_per_image']:.2f} | "
+                f"{row['auto_calibration_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 __all__ = ["markdown_table", "op_counts", "plot", "sampling_table", "seconds_per_image",
-           "speed_report", "step_costs", "step_seconds", "table", "throughput"]
+           "speed_markdown", "speed_report", "step_costs", "step_seconds", "table", "throughput"]

@@ -43,6 +43,25 @@ def one_line_errors(fn):
     return wrapper
 
 
+def threads_option(fn):
+    """--threads, the same on every command that decodes (bpd_sr.threads: one policy)."""
+    return click.option(
+        "--threads", type=click.IntRange(0, None), default=None,
+        help="CPU threads [default: $BPD_SR_THREADS, else 1]. Decoding is many tiny matrix "
+             "products in a row, which more threads only slow down; 0 leaves PyTorch's "
+             "default (README, Speed).")(fn)
+
+
+def _k_choice(text: str):
+    """--k: a whole number or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise click.BadParameter(f"expected a whole number or 'auto', got {text!r}") from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bpd-sr")
 def main() -> None:
@@ -118,9 +137,10 @@ main.add_command(train_command)
 @click.option("--value-loss-weight", type=float, default=0.0, show_default=True,
               help="With --rule mean: weight of a Huber loss on each head's expected intensity "
                    "beside the cross-entropy.")
+@threads_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
-def fit_heads_command(quiet: bool, **kwargs) -> None:
+def fit_heads_command(quiet: bool, threads: int | None, **kwargs) -> None:
     """Distill the proposal heads from the base model's own sequential decodes.
 
     The base stays frozen, so its decoder states along each decode are computed once and
@@ -129,7 +149,9 @@ def fit_heads_command(quiet: bool, **kwargs) -> None:
     """
     from .config import HeadFitConfig
     from .headfit import run
+    from .threads import apply
 
+    apply(threads)
     path = run(HeadFitConfig(**kwargs), progress=not quiet)
     click.echo(f"checkpoint: {path}")
 
@@ -204,10 +226,10 @@ def pick_device(name: str) -> str:
     return "cpu"
 
 
-def _load_model(checkpoint: str | None, device: str):
+def _load_model(checkpoint: str | None, device: str, threads: int | None = None):
     from .pretrained import load_pretrained
 
-    return load_pretrained(checkpoint, device=device)
+    return load_pretrained(checkpoint, device=device, threads=threads)
 
 
 CROP_HELP = ("How a photo is framed into the model's square. The model learnt faces framed "
@@ -222,6 +244,37 @@ LEGEND = ("per input: the files written; steps = decoding steps, tokens/step = m
           "= decoder passes, seconds = decoding time")
 
 
+def _compile(model, lr, k, epsilon: int, rule: str, temperature: float, quiet: bool) -> None:
+    """Compile the decoder steps a decode of lr with this k will run. k = 'auto' is chosen
+    first, by the eager step's costs (the choice is kept: the decode reuses it), so that only
+    the chosen k's shapes are compiled."""
+    from .compiled import compile_decoder, warm_up
+
+    if k == "auto":
+        from .autok import choose_k
+
+        if temperature > 0:  # what upscale.decode passes when sampling: the same choice is reused
+            epsilon, rule = 0, DEFAULT_RULE
+        k = choose_k(model, lr, epsilon=epsilon, top_t=None, min_block=1, rule=rule,
+                     refine=None, temperature=temperature).k
+    compile_decoder(model)
+    seconds = warm_up(model, 1, (k,))
+    if not quiet:
+        click.echo(f"compiled the decoder step (k={k}) in {seconds:.1f} s")
+
+
+def _first_input(plans, crop: str):
+    """uint8 (1, 8, 8, 3): the first input's 8x8 (k = 'auto' calibrates on it), or grey."""
+    import torch
+
+    from .upscale import read_model_input
+
+    try:
+        return torch.from_numpy(read_model_input(next(iter(plans)), crop)[1].copy())[None]
+    except _user_errors():  # a bad first file is reported when its turn comes
+        return torch.full((1, 8, 8, 3), 128, dtype=torch.uint8)
+
+
 @main.command("upscale")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
@@ -230,8 +283,14 @@ LEGEND = ("per input: the files written; steps = decoding steps, tokens/step = m
 @click.option("-r", "--recursive", is_flag=True, help="Look for images in subfolders too.")
 @click.option("--suffix", default="_x4", show_default=True, help="Added to each output's name.")
 @click.option("--crop", type=click.Choice(CROPS), default="auto", show_default=True, help=CROP_HELP)
-@click.option("--k", type=click.IntRange(1, None), default=None,
-              help="Proposals per step (default: all the model has).")
+@click.option("--k", type=_k_choice, default="auto", show_default=True,
+              help="Proposals per step, or 'auto': the fastest k at batch 1 on this machine "
+                   "(or sequential decoding), from measured step costs and acceptance; measured "
+                   "once and kept in ~/.cache/bpd-sr (README, Speed).")
+@click.option("--compile", "compile_step", is_flag=True,
+              help="Run the decoder steps through torch.compile (Inductor): faster steps after "
+                   "a compile of tens of seconds the first time (then read from Inductor's "
+                   "on-disk cache); the time it took is printed.")
 @click.option("--epsilon", type=click.IntRange(0, 255), default=2, show_default=True,
               help="Accept a proposal within this many intensity levels of the base model's "
                    "choice. 0 = exact: the algorithm reproduces sequential decoding with the "
@@ -258,15 +317,12 @@ LEGEND = ("per input: the files written; steps = decoding steps, tokens/step = m
               help="With --temperature: this many different samples of each input [default: 1].")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the sampler: the same seed gives the same samples.")
-@click.option("--threads", type=click.IntRange(1, None), default=1, show_default=True,
-              help="CPU threads. One image is decoded step by step in tiny matrix products, "
-                   "which more threads only slow down (measured: README, Results).")
+@threads_option
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @one_line_errors
-def upscale_command(paths, out_dir, recursive, suffix, crop, k, epsilon, greedy, rule,
-                    checkpoint, device, compare, heatmap, preview_scale, temperature,
-                    samples, seed, threads,
-                    quiet) -> None:
+def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, epsilon, greedy,
+                    rule, checkpoint, device, compare, heatmap, preview_scale, temperature,
+                    samples, seed, threads, quiet) -> None:
     """Upscale face images to 32x32 (4x from 8x8).
 
     PATHS are image files or folders. An input that is not 8x8 is framed (see --crop:
@@ -299,6 +355,9 @@ def upscale_command(paths, out_dir, recursive, suffix, crop, k, epsilon, greedy,
         raise click.ClickException("no images to upscale")
     # 2. the model
     model = _upscale_model(checkpoint, device, threads, k)
+    if compile_step:
+        _compile(model, _first_input(plans, crop), 1 if greedy else k, epsilon, rule, temperature,
+                 quiet)
     # 3. each input: read, decode, write
     if not quiet:
         click.echo(LEGEND)
@@ -319,16 +378,12 @@ def upscale_command(paths, out_dir, recursive, suffix, crop, k, epsilon, greedy,
         sys.exit(1)
 
 
-def _upscale_model(checkpoint: str | None, device: str, threads: int, k: int | None):
+def _upscale_model(checkpoint: str | None, device: str, threads: int | None, k: int | str):
     """The model to upscale with, on its device; --k checked against its proposal slots."""
-    import torch
-
     device = pick_device(device)
-    if device == "cpu":
-        torch.set_num_threads(threads)
-    model = _load_model(checkpoint, device)
-    if k is not None and k > model.cfg.k:
-        raise click.ClickException(f"--k must be in 1..{model.cfg.k} for this model")
+    model = _load_model(checkpoint, device, threads)
+    if k != "auto" and k > model.cfg.k:
+        raise click.ClickException(f"--k must be in 1..{model.cfg.k} or auto for this model")
     return model
 
 
@@ -384,10 +439,11 @@ def _write_json(path: str, obj) -> None:
 @click.option("--checkpoint", type=click.Path(), default=None)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the results here.")
+@threads_option
 @click.option("-q", "--quiet", is_flag=True)
 @one_line_errors
 def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, seed, batch_size,
-                     checkpoint, device, json_path, quiet):
+                     checkpoint, device, json_path, threads, quiet):
     """PSNR / SSIM against the ground truth of bicubic, Lanczos, the conditioning net alone,
     sequential and blockwise decoding, for each decoding rule.
 
@@ -407,7 +463,7 @@ def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, see
 
     rule_list = _parse_rules(rules)
     hr = load_faces(data, split="test", limit=limit)
-    model = _load_model(checkpoint, pick_device(device))
+    model = _load_model(checkpoint, pick_device(device), threads)
     lr = downsample(hr)
     ref = hr.numpy()
     bicubic = quality(upscale_bicubic(lr.numpy()), ref)
@@ -525,10 +581,21 @@ def _q(q: dict, bicubic: dict) -> dict:
               show_default=True, help="Folder for benchmark.json, table.md and plots.png.")
 @click.option("--plots/--no-plots", default=True, show_default=True,
               help="Draw plots.png (needs matplotlib).")
+@click.option("--speed", is_flag=True,
+              help="Only the speed report (speed.json, speed.md): one step at 1 and --speed-k "
+                   "tokens as it was, eager and compiled, operations per step, the weight-read "
+                   "floor, and seconds per image at --batch-sizes (sequential, k, k=auto).")
+@click.option("--speed-k", type=int, default=8, show_default=True)
+@click.option("--tokens", type=click.IntRange(1, 3072), default=3072, show_default=True,
+              help="Speed report: decode only the first N tokens of each image (a quicker run).")
+@click.option("--compile/--no-compile", "compile_step", default=True, show_default=True,
+              help="Speed report: also time the compiled step (compiles first; time reported).")
+@threads_option
 @click.option("-q", "--quiet", is_flag=True)
 @one_line_errors
 def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures, sampling_k,
-                      step_costs, step_repeats, checkpoint, out_dir, plots, quiet):
+                      step_costs, step_repeats, checkpoint, out_dir, plots, speed, speed_k, tokens,
+                      compile_step, threads, quiet):
     """Reproduce the paper's Table 2 on this machine: mean accepted block size, model calls,
     seconds per image at batch 1 and speed-up over cached greedy decoding (timed in the same
     run), PSNR / SSIM; then throughput at larger batches for greedy and every --k and
@@ -543,6 +610,10 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures
     from .atomic import write_atomic
     from .data import load_faces
 
+    model = _load_model(checkpoint, "cpu", threads)
+    if speed:
+        _speed(model, data, _parse_ints(batch_sizes), speed_k, tokens, compile_step, out_dir, quiet)
+        return
     if plots:  # before an hour of decoding, not after it
         try:
             import matplotlib  # noqa: F401
@@ -550,7 +621,6 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures
             raise click.ClickException("plots.png needs matplotlib, which is not installed: "
                                        "pip install matplotlib, or use --no-plots") from None
 
-    model = _load_model(checkpoint, "cpu")
     result: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                                 "torch": torch.__version__, "threads": torch.get_num_threads()},
                     "checkpoint": checkpoint or "shipped default", "model_config": model.cfg.to_dict()}
@@ -592,6 +662,27 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures
     if not quiet:
         click.echo(md)
         click.echo(f"wrote {', '.join(str(out / name) for name in written)}")
+
+
+def _speed(model, data, batch_sizes, k, tokens, compile_step, out_dir, quiet) -> None:
+    """benchmark --speed: bench.speed_report, printed and written as JSON and Markdown."""
+    from pathlib import Path
+
+    from . import bench
+    from .data import load_faces
+
+    hr = load_faces(data, split="test", limit=max(batch_sizes))
+    report = bench.speed_report(model, hr, batch_sizes, k, compile_step, tokens,
+                                progress=None if quiet else lambda s: click.echo(f"... {s}", err=True))
+    out = Path(out_dir)
+    _write_json(str(out / "speed.json"), report)
+    md = bench.speed_markdown(report)
+    from .atomic import write_atomic
+
+    write_atomic(out / "speed.md", lambda f: f.write(md.encode()))
+    if not quiet:
+        click.echo(md)
+        click.echo(f"wrote {out}/speed.json, speed.md")
 
 
 @main.command("export")

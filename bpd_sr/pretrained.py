@@ -142,12 +142,18 @@ def default_weights_path() -> Path:
 
 
 def load_pretrained(
-    checkpoint: str | Path | None = None, device: str | torch.device = "cpu"
+    checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
+    threads: int | None = None,
 ) -> ImageTransformer:
     """The shipped default model (``bpd_sr/weights/default.pt``), or ``checkpoint``.
 
-    Works offline: the weights are inside the installed package.
+    Works offline: the weights are inside the installed package. threads: the package's
+    thread policy (``bpd_sr.threads``): by default one thread (or ``$BPD_SR_THREADS``);
+    0 leaves PyTorch's setting alone.
     """
+    from .threads import apply
+
+    apply(threads)
     return model_from_checkpoint(checkpoint or default_weights_path(), device)
 
 

@@ -29,7 +29,7 @@ class DecodeSettings:
     0, exact sampling instead (seeded per sample)."""
 
     greedy: bool = False
-    k: int | None = None  # None: every proposal slot the model has
+    k: int | str | None = None  # None: every proposal slot the model has; "auto": bpd_sr.autok
     epsilon: int = 2
     temperature: float = 0.0
     seed: int = 0
@@ -107,7 +107,7 @@ def upscale_file(model: ImageTransformer, path: Path, names: OutputNames,
         done.model_calls += res.model_calls
         done.seconds += res.seconds
     _make_folders(names)
-    k = model.cfg.k if settings.k is None else settings.k
+    k = model.cfg.k if settings.k in (None, "auto") else settings.k
     for i, (name, res) in enumerate(zip(names.results, results, strict=True)):
         done.written.append(_write(name, res.images[0].numpy()))
         if names.heatmaps:

@@ -31,6 +31,12 @@ def random_lr(batch: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (batch, 8, 8, 3), dtype=torch.uint8, generator=g)
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """k="auto" keeps what it measured in the user's cache folder: never the real one here."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+
+
 @pytest.fixture
 def model4() -> ImageTransformer:
     return tiny_model(k=4)

@@ -378,3 +378,75 @@ def test_upscale_samples_at_a_temperature(tmp_path, tiny_ckpt):
     assert strip.size[0] > 3 * strip.size[1]  # input | bicubic | sample 0 | sample 1
     assert run(*args).exit_code == 0  # the same seed gives the same samples
     assert np.array_equal(s0, np.asarray(Image.open(tmp_path / "o" / "a_x4_s0.png")))
+
+
+def test_benchmark_speed_report(tmp_path, tiny_ckpt):
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "faces.npz"
+    np.savez(npz, images=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+    res = run("benchmark", "--speed", "--no-compile", "--data", npz, "--batch-sizes", "1,2",
+              "--speed-k", "3", "--tokens", "40", "--threads", "1", "--checkpoint", tiny_ckpt,
+              "--out", tmp_path / "s", "-q")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "s" / "speed.json").read_text())
+    assert set(report["step_seconds"]) == {"reference", "eager"}
+    assert set(report["step_seconds"]["eager"]) == {"1", "3"}
+    # the eager step runs fewer operations than the module path it replaces
+    ops = report["ops_per_step"]
+    assert ops["eager"]["1"]["top_level_aten_ops"] < ops["reference"]["1"]["top_level_aten_ops"]
+    assert [r["batch_size"] for r in report["seconds_per_image"]] == [1, 2]
+    for row in report["seconds_per_image"]:
+        assert 1 <= row["auto_k"] <= 4 and row["n_tokens"] == 40
+        assert {"sequential", "k=4", "auto"} <= set(row)
+    assert report["weight_read_floor_seconds"] > 0
+    assert "weight-read floor" in (tmp_path / "s" / "speed.md").read_text().lower()
+
+
+def test_threads_policy_one_thread_unless_told(tmp_path, tiny_ckpt, monkeypatch):
+    """Every decoding command takes --threads; without it, $BPD_SR_THREADS, else 1."""
+    from bpd_sr import load_pretrained
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("BPD_SR_THREADS", raising=False)
+        torch.set_num_threads(2)
+        load_pretrained(tiny_ckpt)
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("BPD_SR_THREADS", "2")
+        load_pretrained(tiny_ckpt)
+        assert torch.get_num_threads() == 2
+        load_pretrained(tiny_ckpt, threads=1)
+        assert torch.get_num_threads() == 1
+        load_pretrained(tiny_ckpt, threads=0)  # 0: leave PyTorch's setting
+        assert torch.get_num_threads() == 1
+        for command in ("upscale", "evaluate", "benchmark", "fit-heads"):
+            assert "--threads" in run(command, "--help").output
+        seen = []
+
+        def fake_decode(model, lr, settings, sample=0):  # records the threads, decodes nothing
+            from bpd_sr.decoding import DecodeResult
+
+            seen.append(torch.get_num_threads())
+            return DecodeResult(torch.zeros(1, 32, 32, 3, dtype=torch.uint8),
+                                [torch.tensor([3072])], torch.zeros(1, 32, 32, 3, dtype=torch.long),
+                                1, 0.0)
+
+        monkeypatch.setattr("bpd_sr.upscale.decode", fake_decode)
+        face_path = face(tmp_path / "f.png")
+        for flag, expect in ((["--threads", "2"], 2), ([], 1)):
+            monkeypatch.delenv("BPD_SR_THREADS", raising=False)
+            res = run("upscale", face_path, "--checkpoint", tiny_ckpt, "-o", tmp_path / str(expect),
+                      *flag, "-q")
+            assert res.exit_code == 0, res.output
+            assert seen[-1] == expect
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_upscale_k_auto_is_the_default(tmp_path, tiny_ckpt):
+    face_path = face(tmp_path / "f.png")
+    assert "auto" in run("upscale", "--help").output
+    res = run("upscale", face_path, "--checkpoint", tiny_ckpt, "--epsilon", "0")
+    assert res.exit_code == 0, res.output
+    bad = run("upscale", face_path, "--checkpoint", tiny_ckpt, "--k", "fast")
+    assert bad.exit_code == 2 and "auto" in bad.output
