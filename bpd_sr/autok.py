@@ -9,8 +9,10 @@ tokens it accepts per step outweigh that. So the choice is
 
 with k = 1 meaning plain sequential decoding (one token per step, no proposal heads).
 
-- Seconds per step are measured on this machine, at this batch size, by timing short
-  decodes of each candidate k (the decoding loop's own bookkeeping included).
+- Seconds per step are measured on this machine, on the batch itself, by timing short
+  decodes of each candidate k (the decoding loop's own bookkeeping included, and the cost of
+  rows that drift apart: images accept different lengths, and rows at different positions
+  read their keys through a gather instead of a view).
 - Tokens per step come from the lengths L that blockwise decoding at the model's largest k
   accepts on the first images of the batch (a short calibration decode with the same
   acceptance rule): a step at a smaller k accepts min(L, k), so
@@ -86,10 +88,11 @@ def _blockwise_rule(rule: dict) -> dict:
     return out
 
 
-def _seconds_per_step(model, batch: int, k: int, rule: dict) -> float:
-    """Seconds per step at this batch size: the difference of a short and a longer decode
-    (so that encoding and setting up the cache cancel), the best of two tries."""
-    lr = torch.zeros(batch, 8, 8, 3, dtype=torch.uint8)
+def _seconds_per_step(model, lr: torch.Tensor, k: int, rule: dict) -> float:
+    """Seconds per step decoding lr (the batch itself: its images accept different lengths,
+    so their rows soon sit at different positions, which costs more than rows in step): the
+    difference of a short and a longer decode (so that encoding and setting up the cache
+    cancel), the best of two tries."""
     short_tokens, long_tokens = 2 * k, (2 + TIMING_STEPS) * k
     best = float("inf")
     for _ in range(2):
@@ -162,7 +165,7 @@ def choose_k(model, lr: torch.Tensor, candidates=CANDIDATES, **rule) -> AutoK:
         else:
             calib = _decode(model, lr[:2], ks[-1], CALIBRATION_TOKENS, rule)
             accepted = torch.cat(calib.accepted)
-        secs = {k: _seconds_per_step(model, batch, k, rule) for k in ks}
+        secs = {k: _seconds_per_step(model, lr, k, rule) for k in ks}
         toks = {k: expected_tokens(accepted, k) if k > 1 else 1.0 for k in ks}
         choice = AutoK(
             k=pick(secs, toks), batch=batch,

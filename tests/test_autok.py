@@ -47,6 +47,6 @@ def test_auto_follows_the_costs(monkeypatch, tmp_path):
     for per_token, expect_blockwise in ((1.0, False), (0.0, True)):
         model.__dict__.pop("_autok", None)
         monkeypatch.setattr(autok, "_seconds_per_step",
-                            lambda m, b, k, rule, c=per_token: 1.0 + c * (k - 1))
+                            lambda m, lr, k, rule, c=per_token: 1.0 + c * (k - 1))
         res = blockwise_parallel_decode(model, lr, k="auto", n_tokens=200)
         assert (max(len(a) for a in res.accepted) < 200) == expect_blockwise
