@@ -375,7 +375,10 @@ def seconds_per_image(model, hr: torch.Tensor, batch_sizes=(1, 8, 32, 64), k_fix
         batch = lr[:bs]
         if progress:
             progress(f"batch {bs}: choosing k")
-        choice = choose_k(model, batch, epsilon=epsilon, top_t=None, min_block=1, temperature=0.0)
+        # the same arguments as blockwise_parallel_decode(k="auto") passes: the decode below
+        # reuses this very choice (kept in memory), so its time has no calibration in it
+        choice = choose_k(model, batch, epsilon=epsilon, top_t=None, min_block=1,
+                          rule=DEFAULT_RULE, refine=None, temperature=0.0)
         row = {"batch_size": bs, "n_tokens": n_tokens, "auto_k": choice.k,
                "auto_calibration_seconds": choice.calibration_seconds,
                "auto_measured_seconds_per_step": choice.seconds_per_step,
