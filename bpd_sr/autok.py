@@ -9,10 +9,9 @@ tokens it accepts per step outweigh that. So the choice is
 
 with k = 1 meaning plain sequential decoding (one token per step, no proposal heads).
 
-- Seconds per step are measured on this machine, on the batch itself, by timing short
-  decodes of each candidate k (the decoding loop's own bookkeeping included, and the cost of
-  rows that drift apart: images accept different lengths, and rows at different positions
-  read their keys through a gather instead of a view).
+- Seconds per step are measured on this machine at this batch size, by timing decoder
+  steps over k tokens of each candidate k as a decode runs them (a full-size cache; for
+  k > 1 rows at different positions, as images that accept different lengths soon are).
 - Tokens per step come from the lengths L that blockwise decoding at the model's largest k
   accepts on the first images of the batch (a short calibration decode with the same
   acceptance rule): a step at a smaller k accepts min(L, k), so
@@ -37,7 +36,7 @@ import torch
 
 CANDIDATES = (1, 2, 4, 6, 8, 10)
 CALIBRATION_TOKENS = 256  # tokens of up to 2 images decoded to measure acceptance
-TIMING_STEPS = 6  # steps timed per candidate and round (at least)
+TIMING_STEPS = 5  # steps timed per candidate and round
 ROUNDS = 3  # interleaved timing rounds: the median of each candidate's is kept
 MARGIN = 1.1  # blockwise must promise 10% more tokens per second than sequential decoding
 
@@ -97,14 +96,33 @@ def _blockwise_rule(rule: dict) -> dict:
 
 
 def _seconds_per_step(model, lr: torch.Tensor, k: int, rule: dict) -> float:
-    """Seconds per step decoding lr (the batch itself: its images accept different lengths,
-    so their rows soon sit at different positions, which costs more than rows in step): the
-    difference of a short and a longer decode, so that encoding and setting up the cache
-    cancel."""
-    short = _decode(model, lr, k, 2 * k, rule)
-    long = _decode(model, lr, k, (2 + TIMING_STEPS) * k, rule)
-    steps = max(long.steps) - max(short.steps)
-    return max(long.seconds - short.seconds, 1e-9) / max(steps, 1)
+    """Seconds of one decoding step over k tokens for the batch lr: the decoder over k new
+    tokens with a cache of a whole decode's size (a small one stays in the CPU's caches and
+    flatters large batches), the base logits at each token and (k > 1) the proposal slots at
+    the last. Rows of a blockwise decode of several images soon sit at different positions
+    (their images accept different lengths), which costs a gather instead of a view: so they
+    do here too. The loop's own bookkeeping is left out (the margin covers it)."""
+    from .tokens import previous_token_inputs
+
+    b, dev = lr.shape[0], next(model.parameters()).device
+    ctx, cache = model.encode(lr.to(dev)), model.new_cache(b)
+    rows = torch.arange(b, device=dev)
+    spread = (rows * 7) % 64 if k > 1 else torch.zeros_like(rows)  # positions of the rows
+    pos = 1500 + spread[:, None] + torch.arange(k, device=dev)  # (b, k)
+    inputs = previous_token_inputs(torch.full_like(pos, 7), pos)
+    n_slots = min(model.cfg.k, max(k, 1))
+
+    def steps() -> float:
+        t0 = time.perf_counter()
+        for _ in range(TIMING_STEPS):
+            h = model.decoder_hidden(ctx, inputs, pos, cache, rows)
+            model.logits(ctx, h, pos, 1)
+            if k > 1:
+                model.logits(ctx, h[:, -1:], pos[:, -1:], n_slots)
+        return (time.perf_counter() - t0) / TIMING_STEPS
+
+    steps()  # warm
+    return steps()
 
 
 def _timed(model, lr: torch.Tensor, ks, rule: dict) -> dict[int, float]:
