@@ -53,13 +53,16 @@ def threads_option(fn):
 
 
 def _k_choice(text: str):
-    """--k: a whole number or 'auto'."""
+    """--k: a whole number >= 1 or 'auto'."""
     if text == "auto":
         return text
     try:
-        return int(text)
+        k = int(text)
     except ValueError:
         raise click.BadParameter(f"expected a whole number or 'auto', got {text!r}") from None
+    if k < 1:
+        raise click.BadParameter(f"expected 1 or more, or 'auto', got {k}")
+    return k
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
