@@ -163,6 +163,8 @@ def _load(key: str) -> AutoK | None:
 
 
 def _save(key: str, choice: AutoK) -> None:
+    from .atomic import write_atomic
+
     path = _cache_file()
     if path is None:
         return
@@ -170,9 +172,7 @@ def _save(key: str, choice: AutoK) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = json.loads(path.read_text()) if path.is_file() else {}
         data[key] = asdict(choice)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
     except (OSError, ValueError):
         pass  # a cache that cannot be written only costs the next run a calibration
 
