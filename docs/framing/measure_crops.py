@@ -3,7 +3,7 @@ ground truth made by the training crop (138x138 at row 40, column 20, area-resiz
 against each crop's own 32x32 original (what `--compare` shows as "original").
 
 usage: python docs/framing/measure_crops.py PHOTO_FOLDER OUT_JSON
-(run: python docs/framing/measure_crops.py ../shared/data/faces/samples docs/framing/crops.json)
+(PHOTO_FOLDER: aligned CelebA originals, 178x218, e.g. from img_align_celeba/)
 Runs `bpd-sr upscale FOLDER -o TMP/<crop> --crop <crop> -q` for each crop (the shipped
 weights, default rule, k and epsilon, one thread), then compares every result with the ground
 truth; bicubic upscaling of each crop's 8x8 input is the baseline.
@@ -26,7 +26,8 @@ folder, out_json = Path(sys.argv[1]), Path(sys.argv[2])
 photos = sorted(folder.glob("*.png"))
 truth = {p.name: area_resize(frame(read_image(p), "celeba")[0], 32) for p in photos}
 result = {"photos": len(photos), "command": "bpd-sr upscale FOLDER -o OUT --crop CROP -q",
-          "decoding": {"rule": DEFAULT_RULE, "k": load_pretrained().cfg.k, "epsilon": 2},
+          "decoding": {"rule": DEFAULT_RULE, "k": f"auto (up to {load_pretrained().cfg.k})",
+                       "epsilon": 2},
           "crops": {}}
 with tempfile.TemporaryDirectory() as tmp:
     for crop in ("celeba", "centre"):
