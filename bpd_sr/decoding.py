@@ -271,10 +271,7 @@ def blockwise_parallel_decode(
     lr, ctx_all, cache = _prepare(model, lr, n_tokens)
     b, dev = lr.shape[0], lr.device
     ar_k = torch.arange(k, device=dev)
-    tokens = torch.zeros(b, N_HR_TOKENS + k, dtype=torch.long, device=dev)  # +k: scratch tail
-    step_of = torch.zeros_like(tokens)
-    acc = torch.zeros(b, N_HR_TOKENS, dtype=torch.long, device=dev)
-    n_steps = torch.zeros(b, dtype=torch.long, device=dev)
+    record = _Record(b, k, dev)
 
     def propose(live: _Batch, slot_logits, first=None):
         """1. propose: the next k proposals (b, k) and, when sampling, their distributions
@@ -288,6 +285,37 @@ def blockwise_parallel_decode(
             props[:, 0] = first
         return props, q
 
+    def accept(live: _Batch, base: torch.Tensor):
+        """3. accept: the number of proposals after proposal 0 that are kept, long (b,), and
+        the base's tempered distributions p (b, k, 256) when sampling. Proposal 0 is the
+        base's own token; proposal j >= 1 is tested against the prediction after j - 1."""
+        p = None
+        if sampling:
+            p = torch.softmax(base.double() / temperature, -1)
+            u = torch.rand(live.rows.numel(), k - 1, generator=generator, dtype=torch.float64)
+            ok = speculative_accept(live.proposals[:, 1:], p[:, :-1], live.q[:, 1:], u.to(dev))
+        else:
+            ok = acceptance_test(live.proposals[:, 1:], base[:, :-1], epsilon, top_t, rule)
+        n_ok = torch.cumprod(ok.long(), dim=-1).sum(-1)  # longest passing prefix
+        return n_ok.clamp(min=min_block - 1, max=k - 1), p
+
+    def propose_next(live: _Batch, h, pos, base, n_ok, p) -> None:
+        """1. propose (for the next step) from the slots at the last accepted position, in
+        the same pass: no extra model call. When sampling, a rejected proposal is replaced by
+        a draw from norm(max(0, p - q)); otherwise the verify pass may refine the proposals."""
+        sel = torch.arange(live.rows.numel(), device=dev)
+        h_last, pos_last = h[sel, n_ok][:, None], pos[sel, n_ok][:, None]
+        first = None
+        if sampling:
+            nxt = (n_ok + 1).clamp(max=k - 1)
+            resid = residual_distribution(p[sel, n_ok], live.q[sel, nxt])
+            first = torch.where(n_ok < k - 1, _draw(resid, generator), _draw(p[sel, n_ok], generator))
+        old = live.proposals
+        live.proposals, live.q = propose(live, model.logits(live.ctx, h_last, pos_last, k)[:, 0],
+                                         first)
+        if refine is not None and not sampling:
+            live.proposals = refine_from_verify(live.proposals, old, base, n_ok, refine, rule)
+
     # The first call reads BOS at position 0 and yields the first k proposals.
     live = _Batch(torch.arange(b, device=dev), torch.zeros(b, dtype=torch.long, device=dev),
                   None, None, ctx_all)
@@ -297,61 +325,65 @@ def blockwise_parallel_decode(
     calls = 1
 
     while live.rows.numel() > 0:
-        # 2. verify: proposal j is fed at position n + 1 + j; the base prediction there is
-        #    the model's choice for target n + 1 + j given the proposals before it.
-        pos = live.n[:, None] + 1 + ar_k  # (b, k)
-        inputs = previous_token_inputs(live.proposals, pos)
-        h = model.decoder_hidden(live.ctx, inputs, pos, cache, live.rows)
-        base = model.logits(live.ctx, h, pos, 1)[:, :, 0]  # (b, k, 256)
+        pos, h, base = _verify(model, live, cache, ar_k)  # 2. verify (one model call)
         calls += 1
-
-        # 3. accept: proposal 0 is the base's own token; proposal j >= 1 is tested against
-        #    the base prediction made after proposal j - 1.
-        if sampling:
-            p = torch.softmax(base.double() / temperature, -1)
-            u = torch.rand(live.rows.numel(), k - 1, generator=generator, dtype=torch.float64)
-            ok = speculative_accept(live.proposals[:, 1:], p[:, :-1], live.q[:, 1:], u.to(dev))
-        else:
-            ok = acceptance_test(live.proposals[:, 1:], base[:, :-1], epsilon, top_t, rule)
-        n_ok = torch.cumprod(ok.long(), dim=-1).sum(-1)  # (b,) longest passing prefix
-        n_ok = n_ok.clamp(min=min_block - 1, max=k - 1)
+        n_ok, p = accept(live, base)  # 3. accept
         n_acc = torch.minimum(n_ok + 1, n_tokens - live.n)  # (b,), in 1..k
-
-        # 4. commit: write all k (the tail past n_acc is scratch, overwritten next step)
-        rows = live.rows
-        write_pos = live.n[:, None] + ar_k
-        tokens[rows[:, None], write_pos] = live.proposals
-        step_of[rows[:, None], write_pos] = n_steps[rows, None]
-        acc[rows, n_steps[rows]] = n_acc
-        n_steps[rows] += 1
+        record.commit(live, n_acc)  # 4. commit
         live.n = live.n + n_acc
+        propose_next(live, h, pos, base, n_ok, p)  # 1. propose, for the next step
+        live = _without_finished(live, ctx_all, n_tokens)
 
-        # 1. propose (for the next step): the slots at the last accepted position; when
-        #    sampling, a rejected proposal j is replaced by a draw from norm(max(0, p - q))
-        sel = torch.arange(rows.numel(), device=dev)
-        h_last, pos_last = h[sel, n_ok][:, None], pos[sel, n_ok][:, None]
-        first = None
-        if sampling:
-            nxt = (n_ok + 1).clamp(max=k - 1)
-            resid = residual_distribution(p[sel, n_ok], live.q[sel, nxt])
-            first = torch.where(n_ok < k - 1, _draw(resid, generator), _draw(p[sel, n_ok], generator))
-        old_proposals = live.proposals
-        live.proposals, live.q = propose(live, model.logits(live.ctx, h_last, pos_last, k)[:, 0],
-                                         first)
-        if refine is not None and not sampling:
-            live.proposals = refine_from_verify(live.proposals, old_proposals, base, n_ok,
-                                                refine, rule)
+    return record.result(n_tokens, calls, t0)
 
-        # finished images leave the batch: they cost nothing more
-        done = live.n >= n_tokens
-        if bool(done.any()):
-            keep = ~done
-            live = _Batch(rows[keep], live.n[keep], live.proposals[keep],
-                          live.q[keep] if live.q is not None else None, ctx_all.select(rows[keep]))
 
-    tokens[:, n_tokens:] = 0  # the scratch tail past the last token: "the rest stay 0"
-    step_of[:, n_tokens:] = 0
-    return _result(tokens, step_of, acc, n_steps.tolist(), calls, t0)
+def _verify(model: ImageTransformer, live: _Batch, cache, ar_k: torch.Tensor):
+    """2. verify: proposal j is fed at position n + 1 + j; the base prediction there is the
+    model's choice for target n + 1 + j given the proposals before it.
+    Returns pos long (b, k), decoder states h (b, k, d) and base logits (b, k, 256)."""
+    pos = live.n[:, None] + 1 + ar_k
+    h = model.decoder_hidden(live.ctx, previous_token_inputs(live.proposals, pos), pos, cache,
+                             live.rows)
+    return pos, h, model.logits(live.ctx, h, pos, 1)[:, :, 0]
+
+
+def _without_finished(live: _Batch, ctx_all: EncoderContext, n_tokens: int) -> _Batch:
+    """Finished images leave the batch: they cost nothing more."""
+    done = live.n >= n_tokens
+    if not bool(done.any()):
+        return live
+    keep = ~done
+    rows = live.rows[keep]
+    return _Batch(rows, live.n[keep], live.proposals[keep],
+                  live.q[keep] if live.q is not None else None, ctx_all.select(rows))
+
+
+class _Record:
+    """What a blockwise decode has committed: tokens long (B, 3072 + k) (+k: a scratch tail
+    for the proposals past the accepted ones), the step of each token, and the accepted
+    length of every step of every image."""
+
+    def __init__(self, b: int, k: int, dev: torch.device) -> None:
+        self.k = k
+        self.tokens = torch.zeros(b, N_HR_TOKENS + k, dtype=torch.long, device=dev)
+        self.step_of = torch.zeros_like(self.tokens)
+        self.acc = torch.zeros(b, N_HR_TOKENS, dtype=torch.long, device=dev)
+        self.n_steps = torch.zeros(b, dtype=torch.long, device=dev)
+
+    def commit(self, live: _Batch, n_acc: torch.Tensor) -> None:
+        """4. commit: write all k proposals (the tail past n_acc is scratch, overwritten by
+        the next step) and the step's accepted length."""
+        rows = live.rows
+        write_pos = live.n[:, None] + torch.arange(self.k, device=rows.device)
+        self.tokens[rows[:, None], write_pos] = live.proposals
+        self.step_of[rows[:, None], write_pos] = self.n_steps[rows, None]
+        self.acc[rows, self.n_steps[rows]] = n_acc
+        self.n_steps[rows] += 1
+
+    def result(self, n_tokens: int, calls: int, t0: float) -> DecodeResult:
+        self.tokens[:, n_tokens:] = 0  # the scratch tail past the last token: "the rest stay 0"
+        self.step_of[:, n_tokens:] = 0
+        return _result(self.tokens, self.step_of, self.acc, self.n_steps.tolist(), calls, t0)
 
 
 def refine_from_verify(
