@@ -309,7 +309,9 @@ def _first_input(plans, crop: str):
 @click.option("--compare", is_flag=True, help="Also write <name>_compare.png: input | bicubic | "
               "bpd-sr | original (when the input was larger than 8x8), enlarged and labelled.")
 @click.option("--heatmap", is_flag=True, help="Also write <name>_heatmap.png: the result beside "
-              "the accepted block length of the step that produced each pixel, with a colour bar.")
+              "the accepted block length of the step that produced each pixel, with a colour bar. "
+              "With --k auto it decodes blockwise with every proposal slot (auto may pick "
+              "sequential decoding, whose map would be flat).")
 @click.option("--preview-scale", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Enlargement of the --compare and --heatmap pictures (nearest neighbour). "
                    "The result itself is always 32x32.")
@@ -344,7 +346,9 @@ def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, ep
     if samples is not None and temperature == 0:
         raise click.UsageError("--samples needs --temperature: greedy and blockwise decoding "
                                "give one result per input")
-    settings = DecodeSettings(greedy, k, epsilon, temperature, seed, rule)
+    # a map of accepted blocks needs blockwise decoding: every proposal slot, not auto's pick
+    settings = DecodeSettings(greedy, None if heatmap and k == "auto" else k, epsilon,
+                              temperature, seed, rule)
     # 1. inputs, and the names of every output, before any decoding
     found = imageio.find_images(list(paths), recursive)
     if found.skipped and not quiet:

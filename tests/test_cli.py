@@ -70,6 +70,26 @@ def test_upscale_one_file_with_compare_and_heatmap(tmp_path, tiny_ckpt):
     assert "tokens/step" in line and "model calls" in line
 
 
+def test_heatmap_decodes_blockwise_even_when_auto_would_not(tmp_path, tiny_ckpt, monkeypatch):
+    """--k auto may choose sequential decoding, whose map of accepted blocks is flat; a
+    heatmap asks for the blockwise decode."""
+    import bpd_sr.autok as autok
+
+    def sequential(model, lr, *args, **kwargs):  # auto's choice on a machine where it pays
+        return autok.AutoK(k=1, batch=len(lr), seconds_per_step={}, tokens_per_step={},
+                           tokens_per_second={}, calibration_seconds=0.0)
+
+    monkeypatch.setattr(autok, "choose_k", sequential)
+    src = face(tmp_path / "a.png")
+    res = run("upscale", src, "--checkpoint", tiny_ckpt, "--heatmap")
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if x.startswith(f"{src} -> "))
+    assert "3072 steps" not in line  # blockwise: fewer steps than tokens
+    res = run("upscale", src, "--checkpoint", tiny_ckpt, "-o", tmp_path / "plain")
+    line = next(x for x in res.output.splitlines() if x.startswith(f"{src} -> "))
+    assert "3072 steps" in line  # without a heatmap, auto's choice (sequential here) stands
+
+
 def test_pictures_are_labelled_and_readable(tmp_path, tiny_ckpt):
     """Default pictures: panels enlarged 4x (an 8x8 input as 128x128 blocks of 16x16), text
     under them; the heatmap has a colour bar. Text is dark pixels on the white margin."""
