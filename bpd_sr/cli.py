@@ -477,7 +477,9 @@ def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, see
     rows = [{"method": "bicubic", **_q(bicubic, bicubic)},
             {"method": "lanczos", **_q(quality(upscale_lanczos(lr.numpy()), ref), bicubic)}]
     if model.cond is not None:
-        cond = conditioning_images(model, lr, batch_size)
+        from .condfit import conditioning_images
+
+        cond = conditioning_images(model.cond, lr, batch_size).numpy()
         rows.append({"method": "cond net (mean)", **_q(quality(cond, ref), bicubic)})
     k_list = [k for k in _parse_ints(ks) if k <= model.cfg.k]
     configs = []
@@ -488,6 +490,7 @@ def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, see
     for t in (float(x) for x in temperatures.split(",") if x.strip()):
         configs += [(f"sample T={t}", 1, 0, t, None)]
         configs += [(f"blockwise k={k} T={t}", k, 0, t, None) for k in k_list]
+    sequential: dict = {}  # rule -> (PSNR, images) of its sequential decode
     for name, k, eps, temp, rule in tqdm(configs, desc="decoding", disable=quiet):
         images, acc, calls, secs = [], [], 0, 0.0
         gen = torch.Generator().manual_seed(seed)
@@ -511,17 +514,15 @@ def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, see
                "refine": refine if k > 1 and temp == 0 else None, **_q(q, bicubic),
                "mean_accepted": total / steps, "model_calls_per_image": calls / len(lr),
                "seconds": secs}
-        seq = next((r for r in rows if r.get("rule") == rule and r["k"] == 1 and temp == 0), None)
-        if seq is not None and k > 1:  # how far blockwise decoding moved from sequential
-            row["psnr_minus_sequential"] = row["psnr"] - seq["psnr"]
-            row["identical_images_to_sequential"] = float(
-                (decoded == seq["_images"]).flatten(1).all(1).float().mean())
-            row["identical_tokens_to_sequential"] = float((decoded == seq["_images"]).float().mean())
-        if k == 1 and temp == 0:
-            row["_images"] = decoded
+        if temp == 0 and k == 1:
+            sequential[rule] = (row["psnr"], decoded)
+        elif temp == 0 and rule in sequential:  # how far blockwise moved from sequential
+            seq_psnr, seq_images = sequential[rule]
+            same = decoded == seq_images
+            row["psnr_minus_sequential"] = row["psnr"] - seq_psnr
+            row["identical_images_to_sequential"] = float(same.flatten(1).all(1).float().mean())
+            row["identical_tokens_to_sequential"] = float(same.float().mean())
         rows.append(row)
-    for r in rows:
-        r.pop("_images", None)
     click.echo(f"{len(lr)} faces from {data}")
     click.echo(f"{'method':<28}{'PSNR':>8}{'SSIM':>8}{'min PSNR':>9}{'<bicubic':>9}"
                f"{'block':>8}{'calls/img':>11}{'same img':>9}")
@@ -535,23 +536,6 @@ def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, see
     if json_path:
         _write_json(json_path, {"data": data, "n_images": len(lr), "rules": rule_list,
                                 "checkpoint": checkpoint or "shipped default", "rows": rows})
-
-
-def conditioning_images(model, lr, batch_size: int = 64):
-    """The conditioning net alone: the expected intensity of its logits at every target,
-    rounded. lr uint8 (N, 8, 8, 3) -> uint8 numpy (N, 32, 32, 3)."""
-    import torch
-
-    from .rules import apply_rule
-    from .tokens import tokens_to_image
-
-    dev = next(model.parameters()).device
-    out = []
-    with torch.inference_mode():
-        for s in range(0, len(lr), batch_size):
-            logits = model.cond(lr[s : s + batch_size].to(dev))  # (b, 3072, 256)
-            out.append(tokens_to_image(apply_rule(logits, "mean").cpu()))
-    return torch.cat(out).numpy()
 
 
 def _q(q: dict, bicubic: dict) -> dict:

@@ -85,21 +85,38 @@ def conditioning_loss(logits: torch.Tensor, targets: torch.Tensor,
 
 
 @torch.no_grad()
+def conditioning_images(net: ConditioningNet, lr: torch.Tensor, batch_size: int = 64,
+                        on_logits=None) -> torch.Tensor:
+    """The conditioning net alone, as a regression model: the expected intensity of its
+    logits at every target, rounded. lr uint8 (N, 8, 8, 3) -> uint8 (N, 32, 32, 3).
+    on_logits(start, logits (b, 3072, 256)) sees each batch's logits."""
+    dev = next(net.parameters()).device
+    images = []
+    for s in range(0, len(lr), batch_size):
+        logits = net(lr[s : s + batch_size].to(dev))
+        if on_logits is not None:
+            on_logits(s, logits)
+        images.append(tokens_to_image(apply_rule(logits, "mean").cpu()))
+    return torch.cat(images)
+
+
 def conditioning_psnr(net: ConditioningNet, hr: torch.Tensor, batch_size: int = 64) -> dict:
     """PSNR / bits per dimension of the net's expected-intensity image on faces hr uint8
     (N, 32, 32, 3)."""
     from .metrics import quality
 
     net.eval()
-    images, nll = [], 0.0
-    for s in range(0, len(hr), batch_size):
-        batch = hr[s : s + batch_size]
-        logits = net(downsample(batch))
-        nll += F.cross_entropy(logits.flatten(0, 1).float(), image_to_tokens(batch).flatten(),
+    nll = 0.0
+
+    def add_nll(start: int, logits: torch.Tensor) -> None:
+        nonlocal nll
+        targets = image_to_tokens(hr[start : start + len(logits)]).to(logits.device)
+        nll += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                reduction="sum").item()
-        images.append(tokens_to_image(apply_rule(logits, "mean")))
+
+    images = conditioning_images(net, downsample(hr), batch_size, add_nll)
     net.train()
-    q = quality(torch.cat(images).numpy(), hr.numpy())
+    q = quality(images.numpy(), hr.numpy())
     return {"val_psnr": round(float(q["psnr"]), 3), "val_ssim": round(float(q["ssim"]), 4),
             "val_bpd": round(nll / hr.numel() / math.log(2), 4)}
 
@@ -193,4 +210,5 @@ def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path
                   "base": load_checkpoint(cfg.init).get("about", {})}})
 
 
-__all__ = ["CondFitConfig", "CondFitError", "conditioning_loss", "conditioning_psnr", "run"]
+__all__ = ["CondFitConfig", "CondFitError", "conditioning_images", "conditioning_loss",
+           "conditioning_psnr", "run"]

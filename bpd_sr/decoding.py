@@ -159,7 +159,12 @@ def acceptance_test(
     if top_t is not None:
         top = base_logits.topk(top_t, dim=-1).indices  # (b, m, t)
         return (top == proposals[..., None]).any(-1)
-    return (proposals - apply_rule(base_logits, rule)).abs() <= epsilon
+    return distance_test(proposals, apply_rule(base_logits, rule), epsilon)
+
+
+def distance_test(proposals: torch.Tensor, choice: torch.Tensor, epsilon: int) -> torch.Tensor:
+    """|proposal - base's choice| <= epsilon; proposals, choice long (b, m) -> bool (b, m)."""
+    return (proposals - choice).abs() <= epsilon
 
 
 def speculative_accept(
@@ -285,7 +290,7 @@ def blockwise_parallel_decode(
             props[:, 0] = first
         return props, q
 
-    def accept(live: _Batch, base: torch.Tensor):
+    def accept(live: _Batch, base: torch.Tensor, choice: torch.Tensor | None):
         """3. accept: the number of proposals after proposal 0 that are kept, long (b,), and
         the base's tempered distributions p (b, k, 256) when sampling. Proposal 0 is the
         base's own token; proposal j >= 1 is tested against the prediction after j - 1."""
@@ -294,12 +299,14 @@ def blockwise_parallel_decode(
             p = torch.softmax(base.double() / temperature, -1)
             u = torch.rand(live.rows.numel(), k - 1, generator=generator, dtype=torch.float64)
             ok = speculative_accept(live.proposals[:, 1:], p[:, :-1], live.q[:, 1:], u.to(dev))
+        elif top_t is not None:
+            ok = acceptance_test(live.proposals[:, 1:], base[:, :-1], top_t=top_t)
         else:
-            ok = acceptance_test(live.proposals[:, 1:], base[:, :-1], epsilon, top_t, rule)
+            ok = distance_test(live.proposals[:, 1:], choice[:, :-1], epsilon)
         n_ok = torch.cumprod(ok.long(), dim=-1).sum(-1)  # longest passing prefix
         return n_ok.clamp(min=min_block - 1, max=k - 1), p
 
-    def propose_next(live: _Batch, h, pos, base, n_ok, p) -> None:
+    def propose_next(live: _Batch, h, pos, choice, n_ok, p) -> None:
         """1. propose (for the next step) from the slots at the last accepted position, in
         the same pass: no extra model call. When sampling, a rejected proposal is replaced by
         a draw from norm(max(0, p - q)); otherwise the verify pass may refine the proposals."""
@@ -314,7 +321,7 @@ def blockwise_parallel_decode(
         live.proposals, live.q = propose(live, model.logits(live.ctx, h_last, pos_last, k)[:, 0],
                                          first)
         if refine is not None and not sampling:
-            live.proposals = refine_from_verify(live.proposals, old, base, n_ok, refine, rule)
+            live.proposals = refine_from_verify(live.proposals, old, choice, n_ok, refine)
 
     # The first call reads BOS at position 0 and yields the first k proposals.
     live = _Batch(torch.arange(b, device=dev), torch.zeros(b, dtype=torch.long, device=dev),
@@ -327,11 +334,13 @@ def blockwise_parallel_decode(
     while live.rows.numel() > 0:
         pos, h, base = _verify(model, live, cache, ar_k)  # 2. verify (one model call)
         calls += 1
-        n_ok, p = accept(live, base)  # 3. accept
+        # the base's choice at every proposed position, once: the test and refinement use it
+        choice = None if sampling else apply_rule(base, rule)  # (b, k)
+        n_ok, p = accept(live, base, choice)  # 3. accept
         n_acc = torch.minimum(n_ok + 1, n_tokens - live.n)  # (b,), in 1..k
         record.commit(live, n_acc)  # 4. commit
         live.n = live.n + n_acc
-        propose_next(live, h, pos, base, n_ok, p)  # 1. propose, for the next step
+        propose_next(live, h, pos, choice, n_ok, p)  # 1. propose, for the next step
         live = _without_finished(live, ctx_all, n_tokens)
 
     return record.result(n_tokens, calls, t0)
@@ -387,8 +396,8 @@ class _Record:
 
 
 def refine_from_verify(
-    proposals: torch.Tensor, old_proposals: torch.Tensor, base: torch.Tensor,
-    n_ok: torch.Tensor, max_miss: int, rule: str = DEFAULT_RULE,
+    proposals: torch.Tensor, old_proposals: torch.Tensor, choice: torch.Tensor,
+    n_ok: torch.Tensor, max_miss: int,
 ) -> torch.Tensor:
     """Proposals for the next step refined by the verify pass that just ran (no model call).
 
@@ -399,17 +408,18 @@ def refine_from_verify(
     choice by at most ``max_miss`` levels, the prefix it saw is close to the true one and its
     prediction is a Jacobi-iteration guess, often better than the head's (README, "Levers").
 
-    proposals: long (b, k) from the heads; old_proposals: long (b, k) this step's; base:
-    (b, k, 256) the verify pass's base logits; n_ok: long (b,). Returns long (b, k).
+    proposals: long (b, k) from the heads; old_proposals: long (b, k) this step's; choice:
+    long (b, k) the base's choice (its rule applied to the verify pass's logits) for old
+    target n + 1 + j; n_ok: long (b,). Returns long (b, k).
     Slot 0 (the base's own token) is never changed, so exactness is kept.
     """
     b, k = proposals.shape
-    choice = apply_rule(base, rule)  # (b, k): base's choice for old target n + 1 + j
     sel = torch.arange(b, device=proposals.device)
     first_rejected = (n_ok + 1).clamp(max=k - 1)
     miss = (old_proposals[sel, first_rejected] - choice[sel, n_ok]).abs()
     usable = (n_ok < k - 1) & (miss <= max_miss)  # (b,)
-    j = n_ok[:, None] + torch.arange(k, device=proposals.device)  # old index of new slot i
-    from_verify = (j >= n_ok[:, None] + 1) & (j < k) & usable[:, None]
+    slot = torch.arange(k, device=proposals.device)
+    j = n_ok[:, None] + slot  # (b, k): old index of new slot i
+    from_verify = (slot >= 1) & (j < k) & usable[:, None]
     guess = choice.gather(1, j.clamp(max=k - 1))
     return torch.where(from_verify, guess, proposals)

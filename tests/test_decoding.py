@@ -287,11 +287,11 @@ def test_refine_from_verify_takes_the_verify_predictions():
     # row 0: proposal 1 (9) missed base choice 5 by 4 levels; with max_miss 4, new slot i >= 1
     # (target n + 1 + i) takes the verify prediction for that target (6, 7, 8); slot 0 stays
     # the base's own token; row 1 accepted everything: unchanged
-    out = refine_from_verify(heads, old, base, n_ok, max_miss=4, rule="argmax")
+    out = refine_from_verify(heads, old, base.argmax(-1), n_ok, max_miss=4)
     assert out.tolist() == [[1, 6, 7, 8], [2, 2, 2, 2]]
-    out = refine_from_verify(heads, old, base, torch.tensor([1, 3]), max_miss=10, rule="argmax")
+    out = refine_from_verify(heads, old, base.argmax(-1), torch.tensor([1, 3]), max_miss=10)
     assert out.tolist()[0] == [1, 7, 8, 1]  # n_ok = 1: two slots have a verify prediction
-    out = refine_from_verify(heads, old, base, n_ok, max_miss=3, rule="argmax")
+    out = refine_from_verify(heads, old, base.argmax(-1), n_ok, max_miss=3)
     assert out.tolist() == heads.tolist()  # missed by more than max_miss: heads kept
 
 
