@@ -78,7 +78,8 @@ def _prepare(model: ImageTransformer, lr: torch.Tensor, n_tokens: int = N_HR_TOK
         raise ValueError(f"n_tokens must be in 1..{N_HR_TOKENS}")
     device = next(model.parameters()).device
     lr = lr.to(device)
-    return lr, model.encode(lr), model.new_cache(lr.shape[0], max_len=n_tokens + model.cfg.k + 1)
+    return (lr, model.encode(lr, n_positions=n_tokens),
+            model.new_cache(lr.shape[0], max_len=n_tokens + model.cfg.k + 1))
 
 
 def _result(tokens, step_of, acc, n_steps, calls, t0) -> DecodeResult:

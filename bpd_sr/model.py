@@ -39,9 +39,10 @@ class EncoderContext:
 
     cross_kv: per decoder layer, keys and values of the encoder memory, each
         (B, n_head, 192, head_dim).
-    cond_logits: (B, 3072 + k, 256) conditioning logits, zero-padded past the end so that
-        slot i at position p can read position p + i.
-    dec_pos: (B, 3072, d) what the decoder adds to each position's input: the position's
+    cond_logits: (B, n + k, 256) conditioning logits of the first n targets (n = 3072 unless
+        the decode stops early), zero-padded past the end so that slot i at position p can
+        read position p + i.
+    dec_pos: (B, n, d) what the decoder adds to each position's input: the position's
         embedding plus the embedding of the low-res intensity it lies under.
     """
 
@@ -94,35 +95,40 @@ class ConditioningNet(nn.Module):
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
 
-    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+    def forward(self, lr: torch.Tensor, n_positions: int = N_HR_TOKENS) -> torch.Tensor:
+        """lr: uint8 (B, 8, 8, 3) -> logits (B, n_positions, 256) of the first n_positions
+        targets in raster order. The 1x1 output layer runs only on the image rows that hold
+        them: a decode of a short prefix (the sampling tests) would otherwise write
+        B x 3072 x 256 floats to read a few of them."""
         x = lr.permute(0, 3, 1, 2).to(self.stem.weight.dtype)  # (B, 3, 8, 8)
         y = self.stem(x / 127.5 - 1.0)
         for block in self.res:
             y = y + block(y)
-        y = self.out(self.up(y))  # (B, 768 or 6, 32, 32)
+        rows = -(-n_positions // (HR_SIZE * CHANNELS))  # image rows holding those targets
+        y = self.out(self.up(y)[:, :, :rows])  # (B, 768 or 6, rows, 32)
         b = y.shape[0]
         if self.head == "gaussian":
-            return self._gaussian_logits(x, y)
-        x = y
+            return self._gaussian_logits(x, y)[:, :n_positions]
         # the channel axis holds (colour, intensity); put it in raster order (row, col, colour)
-        x = x.view(b, CHANNELS, N_INTENSITIES, HR_SIZE, HR_SIZE).permute(0, 3, 4, 1, 2)
-        return x.reshape(b, N_HR_TOKENS, N_INTENSITIES)
+        y = y.view(b, CHANNELS, N_INTENSITIES, rows, HR_SIZE).permute(0, 3, 4, 1, 2)
+        return y.reshape(b, rows * HR_SIZE * CHANNELS, N_INTENSITIES)[:, :n_positions]
 
     @staticmethod
     def _gaussian_logits(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, 8, 8) input intensities; y: (B, 6, 32, 32) raw (mu, log sigma) per colour
-        -> logits (B, 3072, 256) in raster order."""
-        b = y.shape[0]
-        under = x.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)  # (B, 3, 32, 32)
+        """x: (B, 3, 8, 8) input intensities; y: (B, 6, rows, 32) raw (mu, log sigma) per
+        colour for the first rows of the image -> logits (B, rows * 96, 256) in raster order."""
+        b, rows = y.shape[0], y.shape[2]
+        under = x.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)[:, :, :rows]
         mu = under + 32.0 * y[:, :CHANNELS]
         sigma = 8.0 * torch.exp(y[:, CHANNELS:].clamp(-2.8, 3.0))  # 0.5 .. 160 levels
-        mu = mu.permute(0, 2, 3, 1).reshape(b, N_HR_TOKENS, 1)
-        a = sigma.permute(0, 2, 3, 1).reshape(b, N_HR_TOKENS, 1).pow(-2)  # 1 / sigma^2
+        n = rows * HR_SIZE * CHANNELS
+        mu = mu.permute(0, 2, 3, 1).reshape(b, n, 1)
+        a = sigma.permute(0, 2, 3, 1).reshape(b, n, 1).pow(-2)  # 1 / sigma^2
         # -(i - mu)^2 a / 2 = [mu a, -a/2, -mu^2 a/2] . [i, i^2, 1]: one small matmul instead
         # of five passes over (B, 3072, 256); sigma >= 0.5 keeps float32 cancellation < 0.02
         levels = torch.arange(N_INTENSITIES, device=y.device, dtype=y.dtype)
         basis = torch.stack([levels, levels * levels, torch.ones_like(levels)])  # (3, 256)
-        coef = torch.cat([mu * a, -0.5 * a, -0.5 * mu * mu * a], dim=-1)  # (B, 3072, 3)
+        coef = torch.cat([mu * a, -0.5 * a, -0.5 * mu * mu * a], dim=-1)  # (B, n, 3)
         return coef @ basis
 
 
@@ -358,8 +364,11 @@ class ImageTransformer(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     # ---- encoder (runs once per image) ------------------------------------------------
-    def encode(self, lr: torch.Tensor) -> EncoderContext:
-        """lr: uint8 (B, 8, 8, 3) -> the EncoderContext of the batch."""
+    def encode(self, lr: torch.Tensor, n_positions: int = N_HR_TOKENS) -> EncoderContext:
+        """lr: uint8 (B, 8, 8, 3) -> the EncoderContext of the batch. A decode of only the
+        first n_positions targets passes that number: it never reads the conditioning logits
+        or position embeddings of later targets, and those are the context's largest tensors
+        (B x 3072 x 256 and B x 3072 x d)."""
         b = lr.shape[0]
         lr_tokens = lr.reshape(b, N_LR_TOKENS).long()
         x = self.enc_tok(channel_offset(lr_tokens)) + self.enc_pos.weight  # (B, 192, d)
@@ -369,22 +378,24 @@ class ImageTransformer(nn.Module):
         cross_kv = [layer.cross_attn.memory_kv(memory) for layer in self.dec_layers]
         # the decoder's logits are added to cond_scale times the conditioning logits: a
         # product of experts whose balance is a decoding setting of the checkpoint
-        cond = (self.conditioning_logits(lr) * self.cfg.cond_scale).to(memory.dtype)
-        dec_pos = (self.row_emb(self.pos_row) + self.col_emb(self.pos_col)
-                   + self.chan_emb(self.pos_chan)).expand(b, -1, -1)  # (B, 3072, d)
+        cond = (self.conditioning_logits(lr, n_positions) * self.cfg.cond_scale).to(memory.dtype)
+        n = n_positions
+        dec_pos = (self.row_emb(self.pos_row[:n]) + self.col_emb(self.pos_col[:n])
+                   + self.chan_emb(self.pos_chan[:n])).expand(b, -1, -1)  # (B, n, d)
         if self.lr_emb is not None:
-            lr_under = lr_tokens[:, self.pos_lr_index]  # (B, 3072): low-res intensity under p
+            lr_under = lr_tokens[:, self.pos_lr_index[:n]]  # (B, n): low-res intensity under p
             dec_pos = dec_pos + self.lr_emb(channel_offset(lr_under))
         return EncoderContext(cross_kv=cross_kv, cond_logits=cond, dec_pos=dec_pos)
 
-    def conditioning_logits(self, lr: torch.Tensor) -> torch.Tensor:
-        """lr: uint8 (B, 8, 8, 3) -> (B, 3072 + k, 256): the conditioning net's logits for
-        every target, zero-padded past the end so that slot i at position p can read p + i."""
+    def conditioning_logits(self, lr: torch.Tensor, n_positions: int = N_HR_TOKENS) -> torch.Tensor:
+        """lr: uint8 (B, 8, 8, 3) -> (B, n_positions + k, 256): the conditioning net's logits
+        for the first n_positions targets, zero-padded past the end so that slot i at
+        position p can read p + i."""
         b = lr.shape[0]
         if self.cond is not None:
-            cond = self.cond(lr)  # (B, 3072, 256)
+            cond = self.cond(lr, n_positions)  # (B, n_positions, 256)
         else:
-            cond = self.out_proj.weight.new_zeros(b, N_HR_TOKENS, N_INTENSITIES)
+            cond = self.out_proj.weight.new_zeros(b, n_positions, N_INTENSITIES)
         return F.pad(cond, (0, 0, 0, self.cfg.k))
 
     # ---- decoder -------------------------------------------------------------------
@@ -402,8 +413,9 @@ class ImageTransformer(nn.Module):
             (``tokens.shift_right`` / ``tokens.previous_token_inputs``).
         Full pass (no cache): inputs hold positions 0..T-1.
         Incremental pass: pos long (B, T) contiguous positions of each row, the cache, and
-            rows long (B,) the cache row of each batch row. Positions past 3071 (padding fed
-            near the end) reuse position 3071's embedding; their outputs are never used.
+            rows long (B,) the cache row of each batch row. Positions past the context's
+            last one (3071, or n - 1 after ``encode(lr, n)``: look-ahead fed near the end)
+            reuse its embedding; their outputs are never used.
             With a ``KVCache`` (``new_cache()``) this is ``bpd_sr.step.decoder_step``; with a
             ``FlatKVCache`` (``new_cache(reference=True)``) the module path below, which
             computes the same numbers with many more operations (the parity reference).
@@ -418,9 +430,9 @@ class ImageTransformer(nn.Module):
             win = None
         else:
             # one flat gather of the precomputed position embeddings of the new tokens
-            flat = torch.arange(b, device=pos.device)[:, None] * N_HR_TOKENS \
-                + pos.clamp(max=N_HR_TOKENS - 1)
-            emb = ctx.dec_pos.reshape(b * N_HR_TOKENS, -1).index_select(0, flat.reshape(-1))
+            n_pos = ctx.dec_pos.shape[1]
+            flat = torch.arange(b, device=pos.device)[:, None] * n_pos + pos.clamp(max=n_pos - 1)
+            emb = ctx.dec_pos.reshape(b * n_pos, -1).index_select(0, flat.reshape(-1))
             x = self.dec_tok(inputs) + emb.view(b, t, -1)
             win = cache.window(rows, pos, self.cfg.attn_block)
         x = self.dec_drop(x)

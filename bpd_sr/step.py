@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import KVCache, StepPlan
-from .config import N_HR_TOKENS, N_INTENSITIES
+from .config import N_INTENSITIES
 
 
 class LayerWeights(NamedTuple):
@@ -89,14 +89,16 @@ def _shared_rows(pos: torch.Tensor) -> int | None:
 
 
 def input_embeddings(model, ctx, inputs: torch.Tensor, pos: torch.Tensor, p0: int | None):
-    """The decoder input of the new tokens: (B, T, d). Positions past 3071 (padding fed near
-    the end) reuse position 3071's embedding; their outputs are never used."""
+    """The decoder input of the new tokens: (B, T, d). Positions past the context's last one
+    (3071, or n - 1 for a decode of the first n tokens: look-ahead fed near the end) reuse its
+    embedding; causal attention keeps their outputs out of every token that is kept."""
     b, t = inputs.shape
+    n_pos = ctx.dec_pos.shape[1]
     tok = F.embedding(inputs, model.dec_tok.weight)
-    if p0 is not None and p0 + t <= N_HR_TOKENS:
+    if p0 is not None and p0 + t <= n_pos:
         return tok + ctx.dec_pos[:, p0 : p0 + t]
-    flat = torch.arange(b, device=pos.device)[:, None] * N_HR_TOKENS + pos.clamp(max=N_HR_TOKENS - 1)
-    emb = ctx.dec_pos.reshape(b * N_HR_TOKENS, -1).index_select(0, flat.reshape(-1))
+    flat = torch.arange(b, device=pos.device)[:, None] * n_pos + pos.clamp(max=n_pos - 1)
+    emb = ctx.dec_pos.reshape(b * n_pos, -1).index_select(0, flat.reshape(-1))
     return tok + emb.view(b, t, -1)
 
 

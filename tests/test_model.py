@@ -176,3 +176,40 @@ def test_presets_and_config_checks():
         ModelConfig.from_dict({**paper.to_dict(), "block_size": 4})
     with pytest.raises(ValueError):
         ModelConfig(k=0)
+
+
+@pytest.mark.parametrize("head", ["logits", "gaussian"])
+def test_conditioning_logits_of_a_prefix_are_those_of_the_whole_image(head):
+    """encode(lr, n_positions=n) computes the conditioning logits and position embeddings of
+    the first n targets only (the conditioning net's output layer runs on the rows that hold
+    them) and pads k zero rows of logits after them."""
+    model = tiny_model(k=4, cond_head=head)
+    with torch.no_grad():  # the Gaussian head starts at zero: give it something to compute
+        torch.nn.init.normal_(model.cond.out.weight, std=0.3)
+    lr = random_lr(2, seed=3)
+    full = model.encode(lr)  # cond_logits (2, 3072 + 4, 256), dec_pos (2, 3072, d)
+    for n in (1, 95, 96, 97, 1000, N_HR_TOKENS):
+        part = model.encode(lr, n_positions=n)
+        assert part.cond_logits.shape == (2, n + 4, 256)
+        torch.testing.assert_close(part.cond_logits[:, :n], full.cond_logits[:, :n], rtol=0, atol=1e-10)
+        assert torch.all(part.cond_logits[:, n:] == 0)
+        assert torch.equal(part.dec_pos, full.dec_pos[:, :n])
+
+
+def test_a_short_decode_reads_no_conditioning_logits_past_its_end(monkeypatch):
+    """Decoding the first n tokens with the conditioning table cut at n gives the same tokens
+    as with the whole table: no slot that is kept reads past n."""
+    from bpd_sr import blockwise_parallel_decode, greedy_decode
+
+    model, lr = tiny_model(k=4), random_lr(2, seed=4)
+
+    def decodes():
+        return [greedy_decode(model, lr, n_tokens=97).images,
+                blockwise_parallel_decode(model, lr, k=4, n_tokens=97).images,
+                blockwise_parallel_decode(model, lr, k=4, epsilon=3, n_tokens=97).images]
+
+    cut = decodes()
+    whole_encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda lr, n_positions=N_HR_TOKENS: whole_encode(lr))
+    for a, b in zip(cut, decodes(), strict=True):
+        assert torch.equal(a, b)
