@@ -340,20 +340,19 @@ def test_benchmark_writes_json_table_and_plot(tmp_path, tiny_ckpt):
     rng = np.random.default_rng(0)
     npz = tmp_path / "faces.npz"
     np.savez(npz, images=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
-    res = run("benchmark", "--data", npz, "--limit", "1", "--k", "2,4", "--batch-sizes", "1,2",
-              "--temperatures", "0.9", "--sampling-k", "2", "--step-repeats", "5",
-              "--checkpoint", tiny_ckpt, "--out", tmp_path / "b", "-q")
+    # one (k, epsilon) that is no default of any table: each table must follow the options
+    res = run("benchmark", "--data", npz, "--limit", "1", "--k", "3", "--epsilon", "2",
+              "--batch-sizes", "2", "--temperatures", "0.9", "--sampling-k", "2",
+              "--step-repeats", "5", "--checkpoint", tiny_ckpt, "--out", tmp_path / "b", "-q")
     assert res.exit_code == 0, res.output
     result = json.loads((tmp_path / "b" / "benchmark.json").read_text())
-    assert [(r["k"], r["epsilon"]) for r in result["table"]["rows"]] == [
-        (1, 0), (2, 0), (2, 2), (4, 0), (4, 2)]
-    assert set(result["step_costs"]) == {"1", "2", "3", "4"}
+    assert [(r["k"], r["epsilon"]) for r in result["table"]["rows"]] == [(1, 0), (3, 2)]
+    assert set(result["step_costs"]) == {"1", "2", "3", "4"}  # every k the model has
     assert result["table"]["rows"][0]["speedup"] == pytest.approx(1.0)
-    assert {r["batch_size"] for r in result["throughput"]} == {1, 2}
+    assert {r["batch_size"] for r in result["throughput"]} == {2}
     # the throughput rows follow --k and --epsilon (they used to be fixed at k = 4, 8, 10)
-    assert {(r["k"], r["epsilon"]) for r in result["throughput"]} == {
-        (1, 0), (2, 0), (2, 2), (4, 0), (4, 2)}
-    assert "| 4 |" in (tmp_path / "b" / "table.md").read_text()
+    assert {(r["k"], r["epsilon"]) for r in result["throughput"]} == {(1, 0), (3, 2)}
+    assert "| 3 |" in (tmp_path / "b" / "table.md").read_text()
     assert [(r["temperature"], r["k"]) for r in result["sampling"]] == [(0.9, 1), (0.9, 2)]
     assert (tmp_path / "b" / "plots.png").stat().st_size > 1000
 
