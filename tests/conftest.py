@@ -7,10 +7,21 @@ shapes) out of the way, so a failure means a bug, not rounding.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from bpd_sr import ImageTransformer, ModelConfig
+
+
+def pytest_configure(config):
+    """One thread per test process. The suite runs on two pytest-xdist workers (pyproject's
+    addopts), one per core of the 2-core machines it is timed on; two processes with two
+    threads each on two cores ran 35x slower there. The tests' subprocesses (training runs,
+    torchrun, the GPU script) inherit OMP_NUM_THREADS=1."""
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def tiny_model(k: int = 4, seed: int = 0, dtype=torch.float64, **overrides) -> ImageTransformer:

@@ -140,6 +140,6 @@ def test_dependencies_are_declared_and_used():
     used_by_tests = _third_party([*ROOT.glob("tests/*.py"), ROOT / "notebooks" / "make_notebook.py"])
     assert used_by_library <= core, f"imported but not declared: {used_by_library - core}"
     assert core <= used_by_library, f"declared but never imported: {core - used_by_library}"
-    tools = {"pytest", "ruff", "nbmake", "ipykernel"}  # run, not imported
+    tools = {"pytest", "ruff", "nbmake", "ipykernel", "pytest-xdist"}  # run, not imported
     assert used_by_tests <= core | dev, f"tests import undeclared {used_by_tests - core - dev}"
     assert dev - tools <= used_by_tests, f"dev extra never used: {dev - tools - used_by_tests}"
