@@ -43,24 +43,29 @@ def synthetic_faces(n: int, seed: int) -> torch.Tensor:
     return (base + slope * (r // 8)).clamp(0, 255).expand(n, 32, 32, 3).to(torch.uint8)
 
 
-@pytest.fixture(scope="module")
-def trained_model():
-    """The tiny model with k = 4, base and heads trained jointly for 60 steps of one image
-    (enough: exact acceptance then keeps 3.3 tokens per step at k = 4, 3.8 without refined
-    proposals; docs/results/refine_strong_heads.json). Batches of 4 took 5x longer, most of it
-    in the allocator, for 3.9 tokens per step."""
+def train_on_bands(batch: int = 1, steps: int = 60, lr: float = 3e-3):
+    """The tiny model with k = 4, base and heads trained jointly on the bands above for
+    ``steps`` steps of ``batch`` images; returned in float64 for decoding."""
     from bpd_sr.tokens import downsample
 
     model = tiny_model(k=4, seed=7, dtype=torch.float32).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(60):
-        hr = synthetic_faces(1, seed=step)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for step in range(steps):
+        hr = synthetic_faces(batch, seed=step)
         logits, cond = model(downsample(hr), image_to_tokens(hr))
         loss, _ = sr_loss(logits, cond, image_to_tokens(hr), 1.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
     return model.double().eval()
+
+
+@pytest.fixture(scope="module")
+def trained_model():
+    """60 steps of one image are enough: exact acceptance then keeps 3.3 tokens per step at
+    k = 4, 3.8 without refined proposals (docs/results/refine_strong_heads.json). Batches of
+    4 took 5x longer, most of it in the allocator, for 3.9 tokens per step."""
+    return train_on_bands(batch=1, steps=60)
 
 
 def check_bookkeeping(res, k, n=N):

@@ -12,31 +12,16 @@ import time
 import torch
 
 from bpd_sr import blockwise_parallel_decode, greedy_decode
-from bpd_sr.tokens import downsample, image_to_tokens
-from bpd_sr.train import sr_loss
-from tests.conftest import tiny_model
-from tests.test_decoding import synthetic_faces
+from bpd_sr.tokens import downsample
+from tests.test_decoding import synthetic_faces, train_on_bands
 
 torch.set_num_threads(1)
-
-
-def fit(batch: int, steps: int, lr: float):
-    model = tiny_model(k=4, seed=7, dtype=torch.float32).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    for step in range(steps):
-        hr = synthetic_faces(batch, seed=step)
-        logits, cond = model(downsample(hr), image_to_tokens(hr))
-        loss, _ = sr_loss(logits, cond, image_to_tokens(hr), 1.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.double().eval()
 
 
 rows = []
 for batch, steps in [(1, 60), (4, 60)]:  # (1, 60) is the test fixture
     t = time.perf_counter()
-    model = fit(batch, steps, 3e-3)
+    model = train_on_bands(batch, steps, 3e-3)
     seconds = time.perf_counter() - t
     lr = downsample(synthetic_faces(3, seed=999))
     ref = greedy_decode(model, lr, rule="argmax")
