@@ -44,19 +44,30 @@ class EncoderContext:
         read position p + i.
     dec_pos: (B, n, d) what the decoder adds to each position's input: the position's
         embedding plus the embedding of the low-res intensity it lies under.
+    rows: long (b,) the rows of cond_logits and dec_pos that the b rows of this context read
+        (a subset of a batch, ``select``); None: all B, in order.
     """
 
     cross_kv: list[tuple[torch.Tensor, torch.Tensor]]
     cond_logits: torch.Tensor
     dec_pos: torch.Tensor
+    rows: torch.Tensor | None = None
 
     def select(self, rows: torch.Tensor) -> EncoderContext:
-        """The context of a subset of the batch (rows: long (b,))."""
+        """The context of a subset of the batch (rows: long (b,)). The encoder memory's keys
+        and values are copied (attention reads them batch-aligned); the per-position tables
+        are not (7 MB per image: a batch decode that copied them whenever an image finished
+        spent 7% of its time there at batch 64): the subset reads them through ``rows``."""
         return EncoderContext(
             cross_kv=[(k[rows], v[rows]) for k, v in self.cross_kv],
-            cond_logits=self.cond_logits[rows],
-            dec_pos=self.dec_pos[rows],
+            cond_logits=self.cond_logits,
+            dec_pos=self.dec_pos,
+            rows=rows if self.rows is None else self.rows[rows],
         )
+
+    def table_rows(self, b: int, device: torch.device) -> torch.Tensor:
+        """long (b,): the row of cond_logits and dec_pos that each of the b rows reads."""
+        return self.rows if self.rows is not None else torch.arange(b, device=device)
 
 
 class ConditioningNet(nn.Module):
@@ -426,13 +437,14 @@ class ImageTransformer(nn.Module):
         if cache is None:
             blk = self.cfg.attn_block
             t_pad = -(-t // blk) * blk
-            x = self.dec_tok(F.pad(inputs, (0, t_pad - t))) + ctx.dec_pos[:, :t_pad]
+            dec_pos = ctx.dec_pos if ctx.rows is None else ctx.dec_pos[ctx.rows]
+            x = self.dec_tok(F.pad(inputs, (0, t_pad - t))) + dec_pos[:, :t_pad]
             win = None
         else:
             # one flat gather of the precomputed position embeddings of the new tokens
             n_pos = ctx.dec_pos.shape[1]
-            flat = torch.arange(b, device=pos.device)[:, None] * n_pos + pos.clamp(max=n_pos - 1)
-            emb = ctx.dec_pos.reshape(b * n_pos, -1).index_select(0, flat.reshape(-1))
+            flat = ctx.table_rows(b, pos.device)[:, None] * n_pos + pos.clamp(max=n_pos - 1)
+            emb = ctx.dec_pos.reshape(-1, ctx.dec_pos.shape[-1]).index_select(0, flat.reshape(-1))
             x = self.dec_tok(inputs) + emb.view(b, t, -1)
             win = cache.window(rows, pos, self.cfg.attn_block)
         x = self.dec_drop(x)
@@ -458,9 +470,9 @@ class ImageTransformer(nn.Module):
         b, t = pos.shape
         n_cond = ctx.cond_logits.shape[1]
         target_pos = pos[:, :, None] + torch.arange(n_slots, device=pos.device)  # (B, T, S)
-        flat = torch.arange(b, device=pos.device)[:, None, None] * n_cond \
+        flat = ctx.table_rows(b, pos.device)[:, None, None] * n_cond \
             + target_pos.clamp(max=n_cond - 1)
-        cond = ctx.cond_logits.reshape(b * n_cond, N_INTENSITIES).index_select(0, flat.reshape(-1))
+        cond = ctx.cond_logits.reshape(-1, N_INTENSITIES).index_select(0, flat.reshape(-1))
         return out + cond.view(b, t, n_slots, N_INTENSITIES).to(out.dtype)
 
     def forward(self, lr: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,10 +95,10 @@ def input_embeddings(model, ctx, inputs: torch.Tensor, pos: torch.Tensor, p0: in
     b, t = inputs.shape
     n_pos = ctx.dec_pos.shape[1]
     tok = F.embedding(inputs, model.dec_tok.weight)
-    if p0 is not None and p0 + t <= n_pos:
+    if p0 is not None and p0 + t <= n_pos and ctx.rows is None:
         return tok + ctx.dec_pos[:, p0 : p0 + t]
-    flat = torch.arange(b, device=pos.device)[:, None] * n_pos + pos.clamp(max=n_pos - 1)
-    emb = ctx.dec_pos.reshape(b * n_pos, -1).index_select(0, flat.reshape(-1))
+    flat = ctx.table_rows(b, pos.device)[:, None] * n_pos + pos.clamp(max=n_pos - 1)
+    emb = ctx.dec_pos.reshape(-1, ctx.dec_pos.shape[-1]).index_select(0, flat.reshape(-1))
     return tok + emb.view(b, t, -1)
 
 
@@ -148,7 +148,7 @@ def slot_logits(model, ctx, h: torch.Tensor, pos: torch.Tensor, n_slots: int) ->
     b, t = pos.shape
     cond_all = ctx.cond_logits
     p0 = _shared_rows(pos) if t == 1 else None
-    shared = p0 is not None and p0 + n_slots <= cond_all.shape[1]
+    shared = p0 is not None and p0 + n_slots <= cond_all.shape[1] and ctx.rows is None
     compiled = model.__dict__.get("_compiled_step")  # bpd_sr.compiled.compile_decoder
     if shared and compiled is not None:
         # h copied to fresh strides: the compiled graph is specialised on them
@@ -164,7 +164,7 @@ def slot_logits(model, ctx, h: torch.Tensor, pos: torch.Tensor, n_slots: int) ->
         return out + cond_all[:, None, p0 : p0 + n_slots].to(out.dtype)  # a view: (b, 1, S, 256)
     n_cond = cond_all.shape[1]
     target_pos = pos[:, :, None] + torch.arange(n_slots, device=pos.device)  # (b, T, S)
-    flat = torch.arange(b, device=pos.device)[:, None, None] * n_cond \
+    flat = ctx.table_rows(b, pos.device)[:, None, None] * n_cond \
         + target_pos.clamp(max=n_cond - 1)
-    cond = cond_all.reshape(b * n_cond, N_INTENSITIES).index_select(0, flat.reshape(-1))
+    cond = cond_all.reshape(-1, N_INTENSITIES).index_select(0, flat.reshape(-1))
     return out + cond.view(b, t, n_slots, N_INTENSITIES).to(out.dtype)

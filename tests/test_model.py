@@ -213,3 +213,25 @@ def test_a_short_decode_reads_no_conditioning_logits_past_its_end(monkeypatch):
     monkeypatch.setattr(model, "encode", lambda lr, n_positions=N_HR_TOKENS: whole_encode(lr))
     for a, b in zip(cut, decodes(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_a_subset_of_the_context_reads_its_own_rows_without_copying_them(reference):
+    """Images that finish leave a batch decode (EncoderContext.select): the subset keeps
+    reading the batch's conditioning logits and position embeddings through its row map."""
+    model, lr = tiny_model(k=4), random_lr(4, seed=6)
+    ctx = model.encode(lr)
+    sub = ctx.select(torch.tensor([3, 1, 2])).select(torch.tensor([2, 0]))  # images 2 and 3
+    assert sub.cond_logits.data_ptr() == ctx.cond_logits.data_ptr()  # not copied
+    assert sub.rows.tolist() == [2, 3]
+    alone = model.encode(lr[[2, 3]])
+    pos = torch.tensor([[5, 6], [700, 701]])
+    inputs = torch.tensor([[7, 300], [9, 600]])
+    rows = torch.arange(2)
+    with torch.no_grad():  # as decoding runs
+        h_sub = model.decoder_hidden(sub, inputs, pos, model.new_cache(2, reference=reference), rows)
+        h_alone = model.decoder_hidden(alone, inputs, pos, model.new_cache(2, reference=reference), rows)
+        torch.testing.assert_close(h_sub, h_alone, rtol=0, atol=1e-12)
+        for logits in (model.logits, model.reference_logits):
+            torch.testing.assert_close(logits(sub, h_alone, pos, 4), logits(alone, h_alone, pos, 4),
+                                       rtol=0, atol=1e-12)
