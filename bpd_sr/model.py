@@ -65,9 +65,28 @@ class EncoderContext:
             rows=rows if self.rows is None else self.rows[rows],
         )
 
-    def table_rows(self, b: int, device: torch.device) -> torch.Tensor:
+    def _table_rows(self, b: int, device: torch.device) -> torch.Tensor:
         """long (b,): the row of cond_logits and dec_pos that each of the b rows reads."""
         return self.rows if self.rows is not None else torch.arange(b, device=device)
+
+    def position_embeddings(self, pos: torch.Tensor) -> torch.Tensor:
+        """dec_pos at pos long (b, T) -> (b, T, d), in one flat gather. Positions past the
+        table's last one (look-ahead fed near the end) read that one; their outputs are
+        never used."""
+        n_pos, d = self.dec_pos.shape[1:]
+        flat = self._table_rows(pos.shape[0], pos.device)[:, None] * n_pos + pos.clamp(max=n_pos - 1)
+        return self.dec_pos.reshape(-1, d).index_select(0, flat.reshape(-1)).view(*pos.shape, d)
+
+    def slot_conditioning(self, pos: torch.Tensor, n_slots: int) -> torch.Tensor:
+        """The conditioning logits of slots 0..n_slots-1 at pos long (b, T): slot i at
+        position p reads target p + i (zeros past the end) -> (b, T, n_slots, 256)."""
+        b, t = pos.shape
+        n_cond = self.cond_logits.shape[1]
+        target_pos = pos[:, :, None] + torch.arange(n_slots, device=pos.device)  # (b, T, S)
+        flat = self._table_rows(b, pos.device)[:, None, None] * n_cond \
+            + target_pos.clamp(max=n_cond - 1)
+        cond = self.cond_logits.reshape(-1, N_INTENSITIES).index_select(0, flat.reshape(-1))
+        return cond.view(b, t, n_slots, N_INTENSITIES)
 
 
 class ConditioningNet(nn.Module):
@@ -441,11 +460,7 @@ class ImageTransformer(nn.Module):
             x = self.dec_tok(F.pad(inputs, (0, t_pad - t))) + dec_pos[:, :t_pad]
             win = None
         else:
-            # one flat gather of the precomputed position embeddings of the new tokens
-            n_pos = ctx.dec_pos.shape[1]
-            flat = ctx.table_rows(b, pos.device)[:, None] * n_pos + pos.clamp(max=n_pos - 1)
-            emb = ctx.dec_pos.reshape(-1, ctx.dec_pos.shape[-1]).index_select(0, flat.reshape(-1))
-            x = self.dec_tok(inputs) + emb.view(b, t, -1)
+            x = self.dec_tok(inputs) + ctx.position_embeddings(pos)
             win = cache.window(rows, pos, self.cfg.attn_block)
         x = self.dec_drop(x)
         for i, layer in enumerate(self.dec_layers):
@@ -467,13 +482,7 @@ class ImageTransformer(nn.Module):
     ) -> torch.Tensor:
         """``logits`` through the modules and a flat gather: the parity reference."""
         out = self.out_proj(self.heads(h, n_slots))  # (B, T, n_slots, 256)
-        b, t = pos.shape
-        n_cond = ctx.cond_logits.shape[1]
-        target_pos = pos[:, :, None] + torch.arange(n_slots, device=pos.device)  # (B, T, S)
-        flat = ctx.table_rows(b, pos.device)[:, None, None] * n_cond \
-            + target_pos.clamp(max=n_cond - 1)
-        cond = ctx.cond_logits.reshape(-1, N_INTENSITIES).index_select(0, flat.reshape(-1))
-        return out + cond.view(b, t, n_slots, N_INTENSITIES).to(out.dtype)
+        return out + ctx.slot_conditioning(pos, n_slots).to(out.dtype)
 
     def forward(self, lr: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced training pass.

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from .cache import KVCache, StepPlan
-from .config import N_INTENSITIES
 
 
 class LayerWeights(NamedTuple):
@@ -97,9 +96,7 @@ def input_embeddings(model, ctx, inputs: torch.Tensor, pos: torch.Tensor, p0: in
     tok = F.embedding(inputs, model.dec_tok.weight)
     if p0 is not None and p0 + t <= n_pos and ctx.rows is None:
         return tok + ctx.dec_pos[:, p0 : p0 + t]
-    flat = ctx.table_rows(b, pos.device)[:, None] * n_pos + pos.clamp(max=n_pos - 1)
-    emb = ctx.dec_pos.reshape(-1, ctx.dec_pos.shape[-1]).index_select(0, flat.reshape(-1))
-    return tok + emb.view(b, t, -1)
+    return tok + ctx.position_embeddings(pos)
 
 
 def decoder_layers(
@@ -162,9 +159,4 @@ def slot_logits(model, ctx, h: torch.Tensor, pos: torch.Tensor, n_slots: int) ->
     out = F.linear(slots, model.out_proj.weight, model.out_proj.bias)  # (b, T, n_slots, 256)
     if shared:
         return out + cond_all[:, None, p0 : p0 + n_slots].to(out.dtype)  # a view: (b, 1, S, 256)
-    n_cond = cond_all.shape[1]
-    target_pos = pos[:, :, None] + torch.arange(n_slots, device=pos.device)  # (b, T, S)
-    flat = ctx.table_rows(b, pos.device)[:, None, None] * n_cond \
-        + target_pos.clamp(max=n_cond - 1)
-    cond = cond_all.reshape(-1, N_INTENSITIES).index_select(0, flat.reshape(-1))
-    return out + cond.view(b, t, n_slots, N_INTENSITIES).to(out.dtype)
+    return out + ctx.slot_conditioning(pos, n_slots).to(out.dtype)
