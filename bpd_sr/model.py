@@ -129,7 +129,18 @@ class ConditioningNet(nn.Module):
         """lr: uint8 (B, 8, 8, 3) -> logits (B, n_positions, 256) of the first n_positions
         targets in raster order. The 1x1 output layer runs only on the image rows that hold
         them: a decode of a short prefix (the sampling tests) would otherwise write
-        B x 3072 x 256 floats to read a few of them."""
+        B x 3072 x 256 floats to read a few of them.
+
+        The net runs in its parameters' dtype even under autocast. Its Gaussian logits are
+        built from squared levels (i^2 up to 65025, which bfloat16 rounds to multiples of
+        256) and from mu and sigma, whose bf16 rounding moves a sharp distribution by a
+        fraction of a level, i.e. its top logits by several units: a fine-tune under bf16
+        autocast would train the decoder against corrupted logits (docs/method.md). The net
+        is a few percent of the model's arithmetic, so float32 costs little."""
+        with torch.autocast(lr.device.type, enabled=False):
+            return self._logits(lr, n_positions)
+
+    def _logits(self, lr: torch.Tensor, n_positions: int) -> torch.Tensor:
         x = lr.permute(0, 3, 1, 2).to(self.stem.weight.dtype)  # (B, 3, 8, 8)
         y = self.stem(x / 127.5 - 1.0)
         for block in self.res:
@@ -482,7 +493,7 @@ class ImageTransformer(nn.Module):
     ) -> torch.Tensor:
         """``logits`` through the modules and a flat gather: the parity reference."""
         out = self.out_proj(self.heads(h, n_slots))  # (B, T, n_slots, 256)
-        return out + ctx.slot_conditioning(pos, n_slots).to(out.dtype)
+        return out + ctx.slot_conditioning(pos, n_slots)
 
     def forward(self, lr: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced training pass.

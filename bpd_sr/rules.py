@@ -35,10 +35,12 @@ def check_rule(rule: str) -> str:
 
 def expected_intensity(logits: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """sum_i i * softmax(logits)_i (..., 256) -> (...), differentiable; computed in ``dtype``
-    (float64 for decoding, where it decides a rounding; float32 is enough for a loss)."""
-    probs = torch.softmax(logits.to(dtype), dim=-1)
-    levels = torch.arange(N_INTENSITIES, dtype=dtype, device=logits.device)
-    return probs @ levels
+    (float64 for decoding, where it decides a rounding; float32 is enough for a loss).
+    Never under autocast: in bfloat16 a sum of up to 255 levels is rounded to whole levels."""
+    with torch.autocast(logits.device.type, enabled=False):
+        probs = torch.softmax(logits.to(dtype), dim=-1)
+        levels = torch.arange(N_INTENSITIES, dtype=dtype, device=logits.device)
+        return probs @ levels
 
 
 def apply_rule(logits: torch.Tensor, rule: str = DEFAULT_RULE) -> torch.Tensor:

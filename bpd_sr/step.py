@@ -157,6 +157,8 @@ def slot_logits(model, ctx, h: torch.Tensor, pos: torch.Tensor, n_slots: int) ->
     heads = model.heads
     slots = h.unsqueeze(-2) if heads.identity_first_slot and n_slots == 1 else heads(h, n_slots)
     out = F.linear(slots, model.out_proj.weight, model.out_proj.bias)  # (b, T, n_slots, 256)
+    # the sum takes the wider of the two dtypes: under bf16 autocast the conditioning logits
+    # stay float32 (ConditioningNet) and so does what the loss reads
     if shared:
-        return out + cond_all[:, None, p0 : p0 + n_slots].to(out.dtype)  # a view: (b, 1, S, 256)
-    return out + ctx.slot_conditioning(pos, n_slots).to(out.dtype)
+        return out + cond_all[:, None, p0 : p0 + n_slots]  # a view: (b, 1, S, 256)
+    return out + ctx.slot_conditioning(pos, n_slots)

@@ -235,3 +235,46 @@ def test_a_subset_of_the_context_reads_its_own_rows_without_copying_them(referen
         for logits in (model.logits, model.reference_logits):
             torch.testing.assert_close(logits(sub, h_alone, pos, 4), logits(alone, h_alone, pos, 4),
                                        rtol=0, atol=1e-12)
+
+
+def _sharp_gaussian_model() -> ImageTransformer:
+    """A tiny model whose Gaussian conditioning head has sharp, varied distributions (the
+    fitted net's sigma reaches 0.5 levels), so that rounding its inputs shows."""
+    model = ImageTransformer(ModelConfig.preset("tiny", cond_head="gaussian", cond_channels=16))
+    torch.manual_seed(0)
+    out = model.cond.out
+    torch.nn.init.normal_(out.weight, std=0.3)
+    with torch.no_grad():
+        out.bias[3:] = -2.5  # sigma ~ 8 exp(-2.5) ~ 0.66 levels
+    return model.eval()
+
+
+@pytest.mark.parametrize("head", ["gaussian", "logits"])
+def test_conditioning_logits_under_bf16_autocast_are_the_float32_ones(head):
+    """Training on a GPU runs under bf16 autocast. The conditioning logits must not change
+    there: the Gaussian head squares levels (bf16 rounds i^2 to multiples of 256) and a
+    bf16 mu shifts a sharp distribution's top logits by whole units."""
+    model = _sharp_gaussian_model() if head == "gaussian" else tiny_model(k=2, dtype=torch.float32)
+    lr = random_lr(4, 3)
+    with torch.no_grad():
+        ref = model.conditioning_logits(lr)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.conditioning_logits(lr)
+            logits, cond = model(lr, torch.randint(0, 256, (4, N_HR_TOKENS)))
+    assert low.dtype == torch.float32 and cond.dtype == torch.float32
+    tv = 0.5 * (ref.softmax(-1) - low.softmax(-1)).abs().sum(-1)
+    assert float(tv.max()) <= 1e-3
+    top = ref.topk(16, dim=-1).indices
+    assert float((ref.gather(-1, top) - low.gather(-1, top)).abs().max()) <= 1e-3
+    # what the loss reads: decoder logits (bf16 products) plus the float32 conditioning
+    assert logits.dtype == torch.float32
+
+
+def test_expected_intensity_under_autocast_is_not_rounded():
+    from bpd_sr.rules import expected_intensity
+
+    logits = torch.randn(64, 256) * 3
+    ref = expected_intensity(logits, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = expected_intensity(logits, torch.float32)
+    torch.testing.assert_close(low, ref)
