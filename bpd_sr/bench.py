@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .atomic import write_atomic
-from .config import DEFAULT_RULE
+from .config import DEFAULT_EPSILON, DEFAULT_RULE
 from .decoding import DecodeResult, blockwise_parallel_decode, greedy_decode
 from .metrics import quality, upscale_bicubic, upscale_lanczos
 from .model import ImageTransformer
@@ -358,7 +358,7 @@ def decoder_bytes(model) -> dict:
 
 @torch.inference_mode()
 def seconds_per_image(model, hr: torch.Tensor, batch_sizes=(1, 8, 32, 64), k_fixed: int | None = None,
-                      epsilon: int = 2, n_tokens: int = 3072, progress=None) -> list[dict]:
+                      epsilon: int = DEFAULT_EPSILON, n_tokens: int = 3072, progress=None) -> list[dict]:
     """At each batch size: seconds per image of sequential decoding, blockwise decoding with
     k_fixed (default: the model's k) and with k = "auto" (its calibration timed apart, and not
     counted: it is paid once per machine and kept). n_tokens < 3072 decodes only the first
@@ -482,3 +482,74 @@ def speed_markdown(r: dict) -> str:
 
 __all__ = ["markdown_table", "op_counts", "plot", "sampling_table", "seconds_per_image",
            "speed_markdown", "speed_report", "step_costs", "step_seconds", "table", "throughput"]
+
+
+def _timed_decode(model, lr: torch.Tensor, k: int, epsilon: int, rule: str) -> tuple[DecodeResult, float]:
+    """One whole decode (sequential when k == 1) and its wall-clock seconds, the device
+    waited for at both ends."""
+    dev = next(model.parameters()).device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    if k == 1:
+        res = greedy_decode(model, lr, rule=rule)
+    else:
+        res = blockwise_parallel_decode(model, lr, k=k, epsilon=epsilon, rule=rule)
+    sync()
+    return res, time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def decode_grid(model, hr: torch.Tensor, batch_sizes: Iterable[int], ks: Iterable[int],
+                epsilons: Iterable[int], budget_seconds: float, rule: str = DEFAULT_RULE,
+                progress=None) -> dict:
+    """Whole-face seconds per image for sequential decoding and blockwise decoding at every
+    (k, epsilon), at each batch size, with tokens per step and the speed-up over sequential
+    decoding at the same batch size; made for a device lent for minutes (a GPU).
+
+    Configurations run in order (sequential first, then the (k, epsilon) pairs as given),
+    each at every batch size before the next; once budget_seconds have passed no new decode
+    starts, and what was left is listed under ``skipped``. Last, the same blockwise decode
+    at the first batch size with the decoder reading its layout from the device at every
+    call (``probing_layout``) measures what the host-device syncs that the loop avoids cost.
+    hr: uint8 (N, 32, 32, 3); a batch of b takes faces 0..b-1, repeated when N < b.
+    """
+    from .decoding import probing_layout
+
+    lr_all = downsample(hr)
+    batch_sizes = list(batch_sizes)
+    configs = list(dict.fromkeys(  # in order, each once
+        [(1, 0)] + [(k, e) for k in ks for e in epsilons if 1 < k <= model.cfg.k]))
+    t_start = time.perf_counter()
+    blockwise_parallel_decode(model, lr_all[:1], k=max(k for k, _ in configs), n_tokens=96)
+    rows, skipped = [], []
+    for k, eps in configs:
+        for bs in batch_sizes:
+            name = "sequential" if k == 1 else f"k={k} eps={eps}"
+            if time.perf_counter() - t_start > budget_seconds:
+                skipped.append({"batch_size": bs, "k": k, "epsilon": eps})
+                continue
+            if progress:
+                progress(f"batch {bs}: {name}")
+            lr = lr_all[torch.arange(bs) % len(lr_all)]
+            res, seconds = _timed_decode(model, lr, k, eps, rule)
+            rows.append({"batch_size": bs, "k": k, "epsilon": eps if k > 1 else None,
+                         "seconds_per_image": seconds / bs, "tokens_per_step": res.mean_accepted,
+                         "steps": max(res.steps)})
+    for r in rows:
+        seq = next((q for q in rows if q["k"] == 1 and q["batch_size"] == r["batch_size"]), None)
+        r["speedup_vs_sequential"] = seq["seconds_per_image"] / r["seconds_per_image"] if seq else None
+    syncs = None
+    blockwise = [r for r in rows if r["k"] > 1 and r["batch_size"] == batch_sizes[0]]
+    if blockwise and time.perf_counter() - t_start <= budget_seconds:
+        r = blockwise[-1]
+        lr = lr_all[torch.arange(r["batch_size"]) % len(lr_all)]
+        with probing_layout():
+            _, seconds = _timed_decode(model, lr, r["k"], r["epsilon"], rule)
+        syncs = {"batch_size": r["batch_size"], "k": r["k"], "epsilon": r["epsilon"],
+                 "seconds_per_image_one_sync_per_step": r["seconds_per_image"],
+                 "seconds_per_image_syncing_every_call": seconds / r["batch_size"]}
+    return {"device": str(next(model.parameters()).device), "rule": rule,
+            "budget_seconds": budget_seconds,
+            "seconds": time.perf_counter() - t_start, "rows": rows, "skipped": skipped,
+            "host_syncs": syncs}

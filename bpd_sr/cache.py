@@ -44,6 +44,13 @@ def window_mask(qpos: torch.Tensor, kpos: torch.Tensor, attn_block: int) -> torc
     return (kpos >= (qpos // attn_block) * attn_block - attn_block) & (kpos <= qpos) & (kpos >= 0)
 
 
+# Layout of a call, as the caller knows it on the host: (r0, p0) when the b rows are the cache
+# rows r0..r0+b-1 and all sit at positions p0..p0+T-1; GATHERED when they may differ (any
+# rows, any positions: the flat-index path, which needs no host value); None: unknown.
+GATHERED = "gathered"
+Layout = tuple[int, int] | str | None
+
+
 @dataclass
 class StepPlan:
     """Where one incremental decoder call writes and reads, shared by all layers.
@@ -101,14 +108,21 @@ class KVCache:
         self.attn_block = attn_block
         self._masks: dict[tuple[int, int, bool], torch.Tensor] = {}
 
-    def plan(self, rows: torch.Tensor, pos: torch.Tensor) -> StepPlan:
-        """The plan of a call: rows long (b,) cache rows; pos long (b, T) contiguous positions."""
+    def plan(self, rows: torch.Tensor, pos: torch.Tensor, layout: Layout = None) -> StepPlan:
+        """The plan of a call: rows long (b,) cache rows; pos long (b, T) contiguous positions.
+
+        layout: what the caller knows on the host (``Layout``); None: find out by reading
+        rows and pos, a host-device sync that stalls a GPU's queue once per call."""
         b, t = pos.shape
-        p = pos[:, 0].tolist()
-        r = rows.tolist()
-        if all(x == p[0] for x in p) and r == list(range(r[0], r[0] + b)):
-            return self._shared_plan(r[0], b, p[0], t, pos.device)
-        return self._gathered_plan(rows, pos)
+        if layout is None:
+            p = pos[:, 0].tolist()
+            r = rows.tolist()
+            shared = all(x == p[0] for x in p) and r == list(range(r[0], r[0] + b))
+            layout = (r[0], p[0]) if shared else GATHERED
+        if layout == GATHERED:
+            return self._gathered_plan(rows, pos)
+        r0, p0 = layout
+        return self._shared_plan(r0, b, p0, t, pos.device)
 
     def _shared_plan(self, r0: int, b: int, p0: int, t: int, device) -> StepPlan:
         blk = self.attn_block

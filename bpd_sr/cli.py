@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .config import DEFAULT_RULE, MODEL_PRESETS, TrainConfig
+from .config import DEFAULT_EPSILON, DEFAULT_RULE, MODEL_PRESETS, TrainConfig
 from .framing import CROPS
 from .rules import RULES
 
@@ -27,6 +27,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return CheckpointError, TrainError, DataError, ImageError
 
 
+_SAVES_ON_INTERRUPT = {"train_command"}  # commands that save their state before stopping
+
+
 def one_line_errors(fn):
     """Turn the library's user-facing errors into ``bpd-sr: error: ...`` and exit code 2."""
 
@@ -37,7 +40,8 @@ def one_line_errors(fn):
         except _user_errors() as e:
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            click.echo("interrupted" + (" (checkpoint saved)" if fn.__name__ in _SAVES_ON_INTERRUPT
+                                        else ""), err=True)
             sys.exit(130)
 
     return wrapper
@@ -98,7 +102,21 @@ def main() -> None:
 @click.option("--eval-every", type=int, default=500, show_default=True)
 @click.option("--ckpt-minutes", type=float, default=5.0, show_default=True)
 @click.option("--amp", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
-              help="auto: bf16 autocast on CPU and GPU.")
+              help="auto: bf16 autocast where the hardware has bf16 (a GPU; a CPU with "
+                   "AVX512-BF16 or AMX), else fp32.")
+@click.option("--compile", "compile", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True,
+              help="Compile the forward pass and loss (torch.compile). auto: on a GPU with at "
+                   "least 3 minutes of budget left. Falls back to eager if compiling fails or "
+                   "the compiled step is not faster (timed on the first steps; the log says).")
+@click.option("--profile-steps", type=click.IntRange(0, None), default=20, show_default=True,
+              help="Profile this many steps once per run and write the table of operators to "
+                   "OUT/profile.txt (0: none).")
+@click.option("--export", "export_path", default="",
+              help="Also write an inference checkpoint (bf16) here every --export-minutes and "
+                   "at the end: a run killed at a deadline still leaves weights.")
+@click.option("--export-minutes", type=click.FloatRange(0, None, min_open=True), default=2.0,
+              show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -294,7 +312,7 @@ def _first_input(plans, crop: str):
               help="Run the decoder steps through torch.compile (Inductor): faster steps after "
                    "a compile of tens of seconds the first time (then read from Inductor's "
                    "on-disk cache); the time it took is printed.")
-@click.option("--epsilon", type=click.IntRange(0, 255), default=2, show_default=True,
+@click.option("--epsilon", type=click.IntRange(0, 255), default=DEFAULT_EPSILON, show_default=True,
               help="Accept a proposal within this many intensity levels of the base model's "
                    "choice. 0 = exact: the algorithm reproduces sequential decoding with the "
                    "same --rule; in float32 a near-tie can still round the other way (measured: "
@@ -514,6 +532,8 @@ def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, see
                "refine": refine if k > 1 and temp == 0 else None, **_q(q, bicubic),
                "mean_accepted": total / steps, "model_calls_per_image": calls / len(lr),
                "seconds": secs}
+        if k > 1:  # of the k - 1 proposals tested per step (slot 0 is the base's own token)
+            row["share_of_proposals_rejected"] = 1 - (total - steps) / (steps * (k - 1))
         if temp == 0 and k == 1:
             sequential[rule] = (row["psnr"], decoded)
         elif temp == 0 and rule in sequential:  # how far blockwise moved from sequential
@@ -581,12 +601,20 @@ def _q(q: dict, bicubic: dict) -> dict:
               help="Speed report: decode only the first N tokens of each image (a quicker run).")
 @click.option("--compile/--no-compile", "compile_step", default=True, show_default=True,
               help="Speed report: also time the compiled step (compiles first; time reported).")
+@click.option("--grid", is_flag=True,
+              help="Only the decode grid (grid.json): whole-face seconds per image and tokens per "
+                   "step of sequential decoding and every --k x --epsilon at each --batch-sizes, "
+                   "on --device, within --budget-seconds (made for a lent GPU).")
+@click.option("--budget-seconds", type=click.FloatRange(0, None, min_open=True), default=60.0,
+              show_default=True, help="Grid: start no decode after this many seconds.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Grid: auto, cpu, cuda or mps (the other benchmarks run on the CPU).")
 @threads_option
 @click.option("-q", "--quiet", is_flag=True)
 @one_line_errors
 def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures, sampling_k,
                       step_costs, step_repeats, checkpoint, out_dir, plots, speed, speed_k, tokens,
-                      compile_step, threads, quiet):
+                      compile_step, grid, budget_seconds, device, threads, quiet):
     """Reproduce the paper's Table 2 on this machine: mean accepted block size, model calls,
     seconds per image at batch 1 and speed-up over cached greedy decoding (timed in the same
     run), PSNR / SSIM; then throughput at larger batches for greedy and every --k and
@@ -601,6 +629,10 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures
     from .atomic import write_atomic
     from .data import load_faces
 
+    if grid:
+        _grid(checkpoint, data, limit, _parse_ints(ks), _parse_ints(epsilons),
+              _parse_ints(batch_sizes), rule, budget_seconds, device, threads, out_dir, quiet)
+        return
     model = _load_model(checkpoint, "cpu", threads)
     if speed:
         _speed(model, data, _parse_ints(batch_sizes), speed_k, tokens, compile_step, out_dir, quiet)
@@ -653,6 +685,27 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures
     if not quiet:
         click.echo(md)
         click.echo(f"wrote {', '.join(str(out / name) for name in written)}")
+
+
+def _grid(checkpoint, data, limit, ks, epsilons, batch_sizes, rule, budget_seconds, device,
+          threads, out_dir, quiet) -> None:
+    """benchmark --grid: bench.decode_grid, printed and written as JSON."""
+    from pathlib import Path
+
+    from . import bench
+    from .data import load_faces
+
+    model = _load_model(checkpoint, pick_device(device), threads)
+    hr = load_faces(data, split="test", limit=limit)
+    report = bench.decode_grid(model, hr, batch_sizes, ks, epsilons, budget_seconds, rule,
+                               progress=None if quiet else lambda s: click.echo(f"... {s}", err=True))
+    _write_json(str(Path(out_dir) / "grid.json"), report)
+    if not quiet:
+        for r in report["rows"]:
+            click.echo(f"batch {r['batch_size']:3d}  k {r['k']:2d}  eps {r['epsilon']}  "
+                       f"{r['seconds_per_image']:.3f} s/image  {r['tokens_per_step']:.2f} tokens/step"
+                       f"  {r['speedup_vs_sequential'] or 0:.2f}x")
+        click.echo(f"wrote {Path(out_dir) / 'grid.json'}")
 
 
 def _speed(model, data, batch_sizes, k, tokens, compile_step, out_dir, quiet) -> None:

@@ -23,6 +23,11 @@ N_INTENSITIES = 256
 # and acceptance with the shipped weights (README, "Results"). The one place that decides it.
 DEFAULT_RULE = "mean"
 
+# The acceptance tolerance of blockwise decoding when the user gives none: a proposal is kept
+# when it is within this many intensity levels of the base model's choice (Stern et al.
+# 2018, section 5.2, "distance-based"). The one place that decides it (README, "Results").
+DEFAULT_EPSILON = 2
+
 
 def _from_dict(cls, d: dict[str, Any]):
     """Build dataclass ``cls`` from ``d``, refusing unknown keys (a checkpoint of another kind
@@ -137,7 +142,13 @@ class TrainConfig:
     val_fraction: float = 0.02
     eval_every: int = 500
     ckpt_minutes: float = 5.0
-    amp: str = "auto"  # auto | bf16 | fp32
+    amp: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | bf16 | fp32
+    compile: str = "auto"  # auto (on a GPU, when it pays) | on | off: bpd_sr.trainspeed
+    profile_steps: int = 20  # steps profiled once per run into <out>/profile.txt (0: none)
+    # an inference checkpoint (bf16, like the shipped one) written every export_minutes and
+    # at the end, so that a run killed at a deadline still leaves weights ("": none)
+    export_path: str = ""
+    export_minutes: float = 2.0
     seed: int = 0
     out: str = "runs/default"
     distill_cache: str = ""

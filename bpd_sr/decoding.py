@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from .cache import GATHERED, Layout
 from .config import N_HR_TOKENS
 from .model import EncoderContext, ImageTransformer
 from .rules import DEFAULT_RULE, apply_rule, check_rule
@@ -120,8 +122,10 @@ def sample_decode(
     inputs = torch.full((b, 1), BOS, dtype=torch.long, device=dev)
     for p in range(n_tokens):
         pos = torch.full((b, 1), p, dtype=torch.long, device=dev)
-        h = model.decoder_hidden(ctx, inputs, pos, cache, rows)
-        logits = model.logits(ctx, h, pos, 1)[:, 0, 0]  # (B, 256)
+        # every row at position p, known here: no host-device sync per token
+        layout = None if _PROBE_LAYOUT else (0, p)
+        h = model.decoder_hidden(ctx, inputs, pos, cache, rows, layout)
+        logits = model.logits(ctx, h, pos, 1, layout)[:, 0, 0]  # (B, 256)
         if temperature > 0:
             nxt = _draw(torch.softmax(logits.double() / temperature, -1), generator)
         else:
@@ -206,6 +210,9 @@ class _Batch:
     rows: long (b,) their rows in the full batch (and in the cache); n: long (b,) tokens
     committed so far; proposals: long (b, k) this step's proposals, fed at n + 1 + j (proposal
     0 is the base's own next token); q: (b, k, 256) their distributions when sampling.
+    rows_host, n_host: the same rows and counts as Python lists, read once per step (the
+    loop's one host-device sync): they tell the decoder where a lone image sits, so that it
+    plans its step without reading the device again, and which images have finished.
     """
 
     rows: torch.Tensor
@@ -213,6 +220,35 @@ class _Batch:
     proposals: torch.Tensor
     q: torch.Tensor | None
     ctx: EncoderContext
+    rows_host: list[int]
+    n_host: list[int]
+
+    def layout(self, offset: int) -> Layout:
+        """The decoder call's layout (``bpd_sr.cache``) when every row is fed at n + offset:
+        a lone image's position is known; the rows of a batch sit at their own positions."""
+        if _PROBE_LAYOUT:
+            return None
+        if len(self.rows_host) == 1:
+            return (self.rows_host[0], self.n_host[0] + offset)
+        return GATHERED
+
+
+# True only inside ``probing_layout``: the decoder then reads its rows and positions from the
+# device at every call, as it did before the loop kept them on the host (the benchmark's
+# measure of what those host syncs cost).
+_PROBE_LAYOUT = False
+
+
+@contextmanager
+def probing_layout():
+    """Decode as if the loop did not know its layout on the host: 3-4 host-device syncs per
+    step instead of one. Same outputs; for measuring the syncs' cost (``bench.decode_grid``)."""
+    global _PROBE_LAYOUT
+    _PROBE_LAYOUT = True
+    try:
+        yield
+    finally:
+        _PROBE_LAYOUT = False
 
 
 @torch.inference_mode()
@@ -313,23 +349,26 @@ def blockwise_parallel_decode(
         a draw from norm(max(0, p - q)); otherwise the verify pass may refine the proposals."""
         sel = torch.arange(live.rows.numel(), device=dev)
         h_last, pos_last = h[sel, n_ok][:, None], pos[sel, n_ok][:, None]
+        # pos_last is the new n, except for an image cut at n_tokens, which is finished
+        layout = live.layout(0) if max(live.n_host) < n_tokens else GATHERED
         first = None
         if sampling:
             nxt = (n_ok + 1).clamp(max=k - 1)
             resid = residual_distribution(p[sel, n_ok], live.q[sel, nxt])
             first = torch.where(n_ok < k - 1, _draw(resid, generator), _draw(p[sel, n_ok], generator))
         old = live.proposals
-        live.proposals, live.q = propose(live, model.logits(live.ctx, h_last, pos_last, k)[:, 0],
-                                         first)
+        live.proposals, live.q = propose(
+            live, model.logits(live.ctx, h_last, pos_last, k, layout)[:, 0], first)
         if refine is not None and not sampling:
             live.proposals = refine_from_verify(live.proposals, old, choice, n_ok, refine)
 
     # The first call reads BOS at position 0 and yields the first k proposals.
     live = _Batch(torch.arange(b, device=dev), torch.zeros(b, dtype=torch.long, device=dev),
-                  None, None, ctx_all)
+                  None, None, ctx_all, list(range(b)), [0] * b)
     pos0 = torch.zeros(b, 1, dtype=torch.long, device=dev)
-    h = model.decoder_hidden(ctx_all, torch.full_like(pos0, BOS), pos0, cache, live.rows)
-    live.proposals, live.q = propose(live, model.logits(ctx_all, h, pos0, k)[:, 0])  # (B, k)
+    h = model.decoder_hidden(ctx_all, torch.full_like(pos0, BOS), pos0, cache, live.rows,
+                             layout=(0, 0))
+    live.proposals, live.q = propose(live, model.logits(ctx_all, h, pos0, k, (0, 0))[:, 0])
     calls = 1
 
     while live.rows.numel() > 0:
@@ -341,6 +380,7 @@ def blockwise_parallel_decode(
         n_acc = torch.minimum(n_ok + 1, n_tokens - live.n)  # (b,), in 1..k
         record.commit(live, n_acc)  # 4. commit
         live.n = live.n + n_acc
+        live.n_host = live.n.tolist()  # the step's one host-device sync
         propose_next(live, h, pos, choice, n_ok, p)  # 1. propose, for the next step
         live = _without_finished(live, ctx_all, n_tokens)
 
@@ -353,19 +393,21 @@ def _verify(model: ImageTransformer, live: _Batch, cache, ar_k: torch.Tensor):
     Returns pos long (b, k), decoder states h (b, k, d) and base logits (b, k, 256)."""
     pos = live.n[:, None] + 1 + ar_k
     h = model.decoder_hidden(live.ctx, previous_token_inputs(live.proposals, pos), pos, cache,
-                             live.rows)
-    return pos, h, model.logits(live.ctx, h, pos, 1)[:, :, 0]
+                             live.rows, live.layout(1))
+    return pos, h, model.logits(live.ctx, h, pos, 1, GATHERED)[:, :, 0]
 
 
 def _without_finished(live: _Batch, ctx_all: EncoderContext, n_tokens: int) -> _Batch:
-    """Finished images leave the batch: they cost nothing more."""
-    done = live.n >= n_tokens
-    if not bool(done.any()):
+    """Finished images leave the batch: they cost nothing more. Read from the host copy of
+    n: no extra sync."""
+    keep_host = [i for i, n in enumerate(live.n_host) if n < n_tokens]
+    if len(keep_host) == len(live.n_host):
         return live
-    keep = ~done
+    keep = torch.tensor(keep_host, dtype=torch.long, device=live.n.device)
     rows = live.rows[keep]
     return _Batch(rows, live.n[keep], live.proposals[keep],
-                  live.q[keep] if live.q is not None else None, ctx_all.select(rows))
+                  live.q[keep] if live.q is not None else None, ctx_all.select(rows),
+                  [live.rows_host[i] for i in keep_host], [live.n_host[i] for i in keep_host])
 
 
 class _Record:

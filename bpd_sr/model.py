@@ -21,6 +21,7 @@ Decoding functions (``bpd_sr.decoding``) drive the model through ``encode``,
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import step
-from .cache import AttentionWindow, FlatKVCache, KVCache
+from .cache import AttentionWindow, FlatKVCache, KVCache, Layout
 from .config import CHANNELS, HR_SIZE, N_HR_TOKENS, N_INTENSITIES, N_LR_TOKENS, ModelConfig
 from .tokens import channel_offset, hr_position_tables, shift_right
 
@@ -229,14 +230,19 @@ class CrossAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
+@functools.lru_cache(maxsize=16)
 def local_block_mask(attn_block: int, n_blocks: int, device=None) -> torch.Tensor:
-    """bool (n_blocks, attn_block, 2*attn_block): query i of block j may see key l of
-    [block j-1 | block j]: all of the previous block (none for j = 0), its own up to itself."""
+    """bool (1, n_blocks, attn_block, 2*attn_block): query i of block j may see key l of
+    [block j-1 | block j]: all of the previous block (none for j = 0), its own up to itself.
+
+    Made once per shape and device (cached): the full pass used to rebuild it every call.
+    Four dimensions, because the CPU's fused (flash) attention takes a 4-D mask and falls
+    back to the unfused math path for a 3-D one (twice the time, forward and backward)."""
     i = torch.arange(attn_block, device=device)[:, None]
     m = torch.arange(2 * attn_block, device=device)[None, :]
     mask = (m <= i + attn_block).expand(n_blocks, attn_block, 2 * attn_block).clone()
     mask[0, :, :attn_block] = False
-    return mask
+    return mask[None]
 
 
 class LocalSelfAttention(nn.Module):
@@ -447,6 +453,7 @@ class ImageTransformer(nn.Module):
         pos: torch.Tensor | None = None,
         cache: KVCache | FlatKVCache | None = None,
         rows: torch.Tensor | None = None,
+        layout: Layout = None,
     ) -> torch.Tensor:
         """Decoder output h (B, T, d).
 
@@ -460,9 +467,11 @@ class ImageTransformer(nn.Module):
             With a ``KVCache`` (``new_cache()``) this is ``bpd_sr.step.decoder_step``; with a
             ``FlatKVCache`` (``new_cache(reference=True)``) the module path below, which
             computes the same numbers with many more operations (the parity reference).
+            layout: what the caller knows of rows and pos on the host (``bpd_sr.cache``),
+            so that the step needs no host-device sync to plan itself.
         """
         if isinstance(cache, KVCache):
-            return step.decoder_step(self, ctx, inputs, pos, cache, rows)
+            return step.decoder_step(self, ctx, inputs, pos, cache, rows, layout)
         b, t = inputs.shape
         if cache is None:
             blk = self.cfg.attn_block
@@ -479,33 +488,46 @@ class ImageTransformer(nn.Module):
         return self.dec_ln(x)[:, :t]
 
     def logits(
-        self, ctx: EncoderContext, h: torch.Tensor, pos: torch.Tensor, n_slots: int = 1
+        self, ctx: EncoderContext, h: torch.Tensor, pos: torch.Tensor, n_slots: int = 1,
+        layout: Layout = None,
     ) -> torch.Tensor:
         """Logits of the first n_slots slots: h (B, T, d), pos long (B, T) -> (B, T, n_slots, 256).
 
         Slot i at position p predicts target p + i, so it gets the conditioning logits of p + i
-        (``bpd_sr.step.slot_logits``).
+        (``bpd_sr.step.slot_logits``; layout as in ``decoder_hidden``).
         """
-        return step.slot_logits(self, ctx, h, pos, n_slots)
+        return step.slot_logits(self, ctx, h, pos, n_slots, layout)
+
+    def slot_outputs(self, h: torch.Tensor, n_slots: int) -> torch.Tensor:
+        """The decoder's own logits of the first n_slots slots, without the conditioning:
+        h (B, T, d) -> (B, T, n_slots, 256), through the proposal heads and the shared
+        output layer."""
+        return self.out_proj(self.heads(h, n_slots))
 
     def reference_logits(
-        self, ctx: EncoderContext, h: torch.Tensor, pos: torch.Tensor, n_slots: int = 1
+        self, ctx: EncoderContext, h: torch.Tensor, pos: torch.Tensor, n_slots: int = 1,
+        layout: Layout = None,
     ) -> torch.Tensor:
-        """``logits`` through the modules and a flat gather: the parity reference."""
-        out = self.out_proj(self.heads(h, n_slots))  # (B, T, n_slots, 256)
-        return out + ctx.slot_conditioning(pos, n_slots)
+        """``logits`` through the modules and a flat gather: the parity reference (layout,
+        accepted for the same signature, changes nothing here)."""
+        return self.slot_outputs(h, n_slots) + ctx.slot_conditioning(pos, n_slots)
 
     def forward(self, lr: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced training pass.
 
         lr: uint8 (B, 8, 8, 3); targets: long (B, 3072).
-        Returns (logits (B, 3072, k, 256), cond_logits (B, 3072, 256)).
+        Returns (logits (B, 3072, k, 256), cond_logits (B, 3072, 256)). Under autocast the
+        logits are float32: the decoder's bf16 logits plus the float32 conditioning logits.
         """
         ctx = self.encode(lr)
         h = self.decoder_hidden(ctx, shift_right(targets))
-        pos = torch.arange(targets.shape[1], device=targets.device).expand(targets.shape[0], -1)
-        cond = ctx.cond_logits[:, :N_HR_TOKENS]  # the auxiliary loss sees the net's own logits
-        return self.logits(ctx, h, pos, self.cfg.k), cond / self.cfg.cond_scale
+        k, t = self.cfg.k, targets.shape[1]
+        # slot i at position p reads the conditioning logits of p + i: a strided view of the
+        # zero-padded (B, T + k, 256) table, not a gathered copy of k of them
+        cond_slots = ctx.cond_logits.unfold(1, k, 1)[:, :t].transpose(-1, -2)  # (B, T, k, 256)
+        logits = self.slot_outputs(h, k) + cond_slots
+        cond = ctx.cond_logits[:, :t]  # the auxiliary loss sees the net's own logits
+        return logits, cond / self.cfg.cond_scale
 
     def new_cache(
         self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .cache import KVCache, StepPlan
+from .cache import GATHERED, KVCache, Layout, StepPlan
 
 
 class LayerWeights(NamedTuple):
@@ -122,15 +122,16 @@ def decoder_layers(
 
 
 def decoder_step(model, ctx, inputs: torch.Tensor, pos: torch.Tensor, cache: KVCache,
-                 rows: torch.Tensor) -> torch.Tensor:
+                 rows: torch.Tensor, layout: Layout = None) -> torch.Tensor:
     """Decoder output h (b, T, d) of T new tokens per row, writing their keys and values.
 
     inputs: long (b, T) vocabulary ids of the token before each position; pos: long (b, T)
-    contiguous positions of each row; rows: long (b,) the cache row of each batch row."""
+    contiguous positions of each row; rows: long (b,) the cache row of each batch row;
+    layout: what the caller knows of rows and pos on the host (``bpd_sr.cache.Layout``)."""
     if model.training and model.cfg.dropout > 0:
         raise RuntimeError("incremental decoding runs without dropout: call model.eval() first")
     w = decoder_weights(model)
-    plan = cache.plan(rows, pos)
+    plan = cache.plan(rows, pos, layout)
     x = input_embeddings(model, ctx, inputs, pos, plan.p0 if plan.shared else None)
     compiled = model.__dict__.get("_compiled_step")  # bpd_sr.compiled.compile_decoder
     if compiled is not None and plan.shared:
@@ -138,13 +139,18 @@ def decoder_step(model, ctx, inputs: torch.Tensor, pos: torch.Tensor, cache: KVC
     return decoder_layers(w, x, ctx.cross_kv, cache, plan)
 
 
-def slot_logits(model, ctx, h: torch.Tensor, pos: torch.Tensor, n_slots: int) -> torch.Tensor:
+def slot_logits(model, ctx, h: torch.Tensor, pos: torch.Tensor, n_slots: int,
+                layout: Layout = None) -> torch.Tensor:
     """Logits of the first n_slots proposal slots: h (b, T, d), pos long (b, T) (any
     positions) -> (b, T, n_slots, 256). Slot i at position p gets the conditioning logits of
-    p + i: a slice of the context when every row asks for the same single position."""
+    p + i: a slice of the context when every row asks for the same single position.
+    layout: as in ``decoder_step`` (None: read pos to find out, a host sync)."""
     b, t = pos.shape
     cond_all = ctx.cond_logits
-    p0 = _shared_rows(pos) if t == 1 else None
+    if t != 1 or layout == GATHERED:
+        p0 = None
+    else:
+        p0 = _shared_rows(pos) if layout is None else layout[1]
     shared = p0 is not None and p0 + n_slots <= cond_all.shape[1] and ctx.rows is None
     compiled = model.__dict__.get("_compiled_step")  # bpd_sr.compiled.compile_decoder
     if shared and compiled is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -41,6 +42,7 @@ from .data import load_faces, write_npz_atomic
 from .model import ImageTransformer
 from .pretrained import load_checkpoint, save_checkpoint, warm_start
 from .tokens import downsample, image_to_tokens
+from .trainspeed import StepFunction, StepProfiler, bf16_native, synchronize
 
 REGIMES = ("base", "regular", "finetune", "distill")
 
@@ -93,36 +95,63 @@ def make_batch(images: torch.Tensor, idx: torch.Tensor, step: int, seed: int, fl
 
 
 # ---- loss ---------------------------------------------------------------------------
+IGNORE = -100  # the target of a slot that looks past the last position: not scored
+
+
+def slot_targets(targets: torch.Tensor, k: int, head_targets: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """What each slot is scored against: long (B, T) -> (B, T, k), where slot i at position p
+    holds target p + i (``IGNORE`` past the end). head_targets: what slots 1..k-1 learn
+    instead of ``targets`` (slot 0, the base model, always learns the data)."""
+    t = targets.shape[1]
+    src = targets if head_targets is None else head_targets
+    shifted = F.pad(src, (0, k), value=IGNORE).unfold(1, k, 1)[:, :t]  # (B, T, k) view
+    if head_targets is None:
+        return shifted
+    return torch.cat([targets[..., None], shifted[..., 1:]], dim=-1)
+
+
 def sr_loss(
     logits: torch.Tensor,
     cond_logits: torch.Tensor,
     targets: torch.Tensor,
     cond_weight: float,
-    head_slot: int | None = None,
+    head_slot: int | torch.Tensor | None = None,
     head_targets: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """logits (B, 3072, k, 256), cond_logits (B, 3072, 256), targets long (B, 3072).
 
     Slot i at position p is scored against target p + i (positions past the end are left
-    out). head_slot: score only that proposal slot (the paper's one random head per batch);
-    None: the mean over all proposal slots. head_targets: long (B, 3072) what the proposal
-    slots learn instead of ``targets`` (e.g. the base model's own predictions).
+    out). head_slot: score only that proposal slot (the paper's one random head per batch;
+    an int or a 0-d long tensor, so that a compiled loss does not specialise on it); None:
+    the mean over all proposal slots. head_targets: long (B, 3072) what the proposal slots
+    learn instead of ``targets`` (e.g. the base model's own predictions).
+
+    One cross-entropy over every (position, slot): slicing each slot out and upcasting it
+    apart made backward zero-fill a full-size gradient per slot. Returns the loss and its
+    parts as detached 0-d tensors (bits per dimension): no host sync until someone reads them.
     """
-    head_targets = targets if head_targets is None else head_targets
-    k = logits.shape[2]
-    base = F.cross_entropy(logits[:, :, 0].flatten(0, 1).float(), targets.flatten())
+    b, t, k, v = logits.shape
+    tgt = slot_targets(targets, k, head_targets)  # (B, T, k)
+    if head_slot is not None:  # slot 0 and the chosen proposal slot
+        slots = torch.stack([torch.zeros_like(torch.as_tensor(head_slot)),
+                             torch.as_tensor(head_slot)]).to(logits.device)
+        logits, tgt = logits.index_select(2, slots), tgt.index_select(2, slots)
+        offsets = slots
+    else:
+        offsets = torch.arange(k, device=logits.device)
+    ce = F.cross_entropy(logits.reshape(-1, v).float(), tgt.reshape(-1), ignore_index=IGNORE,
+                         reduction="none").view(b, -1, offsets.numel()).sum((0, 1))
+    per_slot = ce / (b * (t - offsets))  # mean over the positions each slot scores
+    base = per_slot[0]
     cond = F.cross_entropy(cond_logits.flatten(0, 1).float(), targets.flatten())
-    stats = {"bpd": base.item() / math.log(2), "cond_bpd": cond.item() / math.log(2)}
     loss = base + cond_weight * cond
-    slots = [head_slot] if head_slot is not None else list(range(1, k))
-    if slots:
-        head_losses = []
-        for i in slots:
-            lg = logits[:, : N_HR_TOKENS - i, i].flatten(0, 1).float()
-            head_losses.append(F.cross_entropy(lg, head_targets[:, i:].flatten()))
-        heads = torch.stack(head_losses).mean()
+    to_bits = 1 / math.log(2)
+    stats = {"bpd": base.detach() * to_bits, "cond_bpd": cond.detach() * to_bits}
+    if offsets.numel() > 1:
+        heads = per_slot[1:].mean()
         loss = loss + heads
-        stats["heads_bpd"] = heads.item() / math.log(2)
+        stats["heads_bpd"] = heads.detach() * to_bits
     return loss, stats
 
 
@@ -322,8 +351,19 @@ def make_optimizer(cfg: TrainConfig, model: ImageTransformer, device: torch.devi
     return opt, params
 
 
-def train_step(run: Run, ddp_model, train_images: torch.Tensor, amp, rank: int, world: int):
-    """One optimizer step on the batch of (seed, step). Returns (loss, stats)."""
+def forward_loss(model, lr_img: torch.Tensor, targets: torch.Tensor, head_slot, amp,
+                 cond_weight: float, base_targets: bool):
+    """The teacher-forced pass and its loss: what ``StepFunction`` may compile."""
+    with amp():
+        logits, cond_logits = model(lr_img, targets)
+    head_targets = logits[:, :, 0].argmax(-1).detach() if base_targets else None
+    return sr_loss(logits, cond_logits, targets, cond_weight, head_slot, head_targets)
+
+
+def train_step(run: Run, ddp_model, train_images: torch.Tensor, amp, rank: int, world: int,
+               step_fn=forward_loss):
+    """One optimizer step on the batch of (seed, step). Returns (loss, stats) as detached
+    tensors: reading them is the caller's host sync, made only where it logs."""
     cfg = run.cfg
     idx = batch_indices(len(train_images), cfg.batch_size, run.step, cfg.seed, rank, world)
     lr_img, targets = make_batch(train_images, idx, run.step, cfg.seed, cfg.flip)
@@ -331,28 +371,26 @@ def train_step(run: Run, ddp_model, train_images: torch.Tensor, amp, rank: int, 
         group["lr"] = _lr_at(cfg, run.step, run.seconds, run.anchor)
     head_slot = None  # like the batch, the random head is a function of (seed, step)
     if cfg.random_head and cfg.k > 1:
-        head_slot = int(np.random.default_rng([cfg.seed, run.step]).integers(1, cfg.k))
-    with amp():
-        logits, cond_logits = ddp_model(lr_img, targets)
-    head_targets = logits[:, :, 0].argmax(-1).detach() if cfg.head_targets == "base" else None
-    loss, stats = sr_loss(logits, cond_logits, targets, cfg.cond_loss_weight, head_slot,
-                          head_targets)
+        head_slot = torch.tensor(int(np.random.default_rng([cfg.seed, run.step]).integers(1, cfg.k)))
+    loss, stats = step_fn(ddp_model, lr_img, targets, head_slot, amp, cfg.cond_loss_weight,
+                          cfg.head_targets == "base")
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
     run.opt.step()
-    return loss, stats
+    return loss.detach(), stats
 
 
-def log_entry(run: Run, stats: dict, dt: float, world: int, val_images: torch.Tensor,
-              amp, progress: bool) -> None:
+def log_entry(run: Run, stats: dict, images_per_s: float, world: int, val_images: torch.Tensor,
+              amp, progress: bool, extra: dict | None = None) -> None:
     """Append the step's statistics and the held-out evaluation to the run's log and to
-    ``log.jsonl`` (rank 0 only)."""
+    ``log.jsonl`` (rank 0 only). images_per_s: measured over the steps since the last entry."""
     cfg = run.cfg
     entry = {"step": run.step, "train_seconds": round(run.seconds, 1), "world_size": world,
-             "lr": run.opt.param_groups[0]["lr"], **stats,
-             "images_per_s": round(cfg.batch_size * world / dt, 1)}
+             "lr": run.opt.param_groups[0]["lr"],
+             **{k: float(v) for k, v in stats.items()},  # the host sync, once per entry
+             "images_per_s": round(images_per_s, 1), **(extra or {})}
     if len(val_images):
         device = next(run.model.parameters()).device
         entry.update(evaluate_heads(run.model, val_images[:256].to(device), cfg.batch_size, amp))
@@ -365,8 +403,17 @@ def log_entry(run: Run, stats: dict, dt: float, world: int, val_images: torch.Te
         tqdm.write(json.dumps(entry))
 
 
+def export_now(run: Run) -> None:
+    """The inference checkpoint of the run so far (bf16) at ``cfg.export_path``, atomically."""
+    about = {"train_config": run.cfg.to_dict(), "step": run.step,
+             "train_seconds": run.seconds, "log": run.log}
+    save_checkpoint(run.cfg.export_path, run.model, extra={"about": about}, dtype=torch.bfloat16)
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run (or resume) one training run; returns the path of its final checkpoint."""
+    """Run (or resume) one training run; returns the path of its final checkpoint.
+
+    Interrupted (Ctrl-C or SIGTERM), it saves its checkpoint (and export) before it stops."""
     rank, world, device = _dist_setup()
     last = Path(cfg.out) / "last.pt"
     # 1. what to continue from
@@ -400,37 +447,74 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type in ("cuda", "cpu"))
+    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and bf16_native(device))
 
     def amp():
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    # 4. the loop: step, log, checkpoint
+    minutes_left = cfg.max_minutes - run.seconds / 60 if cfg.max_minutes > 0 else None
+    step_fn = StepFunction(forward_loss, cfg.compile, device, minutes_left)
+    profiler = StepProfiler(Path(cfg.out) / "profile.txt", device, cfg.profile_steps if rank == 0 else 0,
+                            header=f"regime {cfg.regime}, k {cfg.k}, batch {cfg.batch_size} x "
+                                   f"{world}, {device}, {'bf16' if use_bf16 else 'fp32'}")
+    # 4. the loop: step, log, checkpoint. No host sync per step: losses are read (and a GPU
+    # waited for) only at log points, and images/s is measured over the steps between them.
     bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not progress or rank != 0,
                desc=f"train {cfg.regime}", dynamic_ncols=True)
-    last_ckpt = time.monotonic()
-    while not run.out_of_budget():
-        t0 = time.perf_counter()
-        loss, stats = train_step(run, ddp_model, train_images, amp, rank, world)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        run.seconds += dt
-        run.step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", bpd=f"{stats['bpd']:.3f}",
-                        img_s=f"{cfg.batch_size * world / dt:.0f}")
-        if rank == 0 and (run.step % cfg.eval_every == 0 or run.out_of_budget()):
-            log_entry(run, stats, dt, world, val_images, amp, progress)
-        if rank == 0 and time.monotonic() - last_ckpt > 60 * cfg.ckpt_minutes:
-            run.save(last)
-            last_ckpt = time.monotonic()
-    bar.close()
+    last_ckpt = last_export = time.monotonic()
+    since, since_t = 0, time.perf_counter()
+    interrupted = False
+
+    def stop(signum, frame):  # SIGTERM: stop like Ctrl-C, saving first
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, stop) if _main_thread() else None
+    try:
+        while not run.out_of_budget():
+            t0 = time.perf_counter()
+            loss, stats = train_step(run, ddp_model, train_images, amp, rank, world, step_fn)
+            run.seconds += time.perf_counter() - t0
+            run.step += 1
+            since += 1
+            bar.update(1)
+            profiler.step_done()
+            if rank == 0 and (run.step % cfg.eval_every == 0 or run.out_of_budget()):
+                synchronize(device)
+                rate = since * cfg.batch_size * world / (time.perf_counter() - since_t)
+                bar.set_postfix(loss=f"{float(loss):.3f}", bpd=f"{float(stats['bpd']):.3f}",
+                                img_s=f"{rate:.0f}")
+                log_entry(run, stats, rate, world, val_images, amp, progress, step_fn.notes)
+                since, since_t = 0, time.perf_counter()
+            if rank == 0 and time.monotonic() - last_ckpt > 60 * cfg.ckpt_minutes:
+                run.save(last)
+                last_ckpt = time.monotonic()
+            if rank == 0 and cfg.export_path and time.monotonic() - last_export > 60 * cfg.export_minutes:
+                export_now(run)
+                last_export = time.monotonic()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        profiler.stop()
+        bar.close()
     if rank == 0:
         run.save(last)
+        if cfg.export_path:
+            export_now(run)
+        if not interrupted:
+            profiler.write()
+    if interrupted:
+        raise KeyboardInterrupt
     if world > 1:
         dist.barrier()
     return last
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

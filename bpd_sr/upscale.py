@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import imageio, viz
-from .config import DEFAULT_RULE
+from .config import DEFAULT_EPSILON, DEFAULT_RULE
 from .decoding import DecodeResult, blockwise_parallel_decode, greedy_decode, sample_decode
 from .model import ImageTransformer
 from .outputs import OutputNames
@@ -30,7 +30,7 @@ class DecodeSettings:
 
     greedy: bool = False
     k: int | str | None = None  # None: every proposal slot the model has; "auto": bpd_sr.autok
-    epsilon: int = 2
+    epsilon: int = DEFAULT_EPSILON
     temperature: float = 0.0
     seed: int = 0
     rule: str = DEFAULT_RULE

@@ -333,3 +333,41 @@ def test_exact_blockwise_in_float32_stays_within_rounding_of_sequential(rule):
     res = blockwise_parallel_decode(model, lr, k=4, rule=rule, n_tokens=768)
     same = (res.images == ref.images).flatten(1)[:, : 768]
     assert same.float().mean() >= 0.95, same.float().mean()
+
+
+class _SyncCounter:
+    """Counts the calls that make the host wait for the device (on a GPU: a stall of its
+    queue): Tensor.tolist, item, and conversions to bool, int and float."""
+
+    NAMES = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _original=original, **kw):
+                self.n += 1
+                return _original(t, *a, **kw)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_blockwise_decoding_syncs_with_the_host_once_per_step(model8, monkeypatch, batch):
+    lr = random_lr(batch, seed=8)
+    counter = _SyncCounter(monkeypatch)
+    res = blockwise_parallel_decode(model8, lr, k=4, epsilon=3, n_tokens=N)
+    counted = counter.n
+    monkeypatch.undo()
+    steps = max(res.steps)
+    assert counted <= steps + 2, (counted, steps)  # the rest: setting up and the result
+
+
+def test_sequential_decoding_does_not_sync_per_token(model8, monkeypatch):
+    lr = random_lr(2, seed=8)
+    counter = _SyncCounter(monkeypatch)
+    greedy_decode(model8, lr, n_tokens=200)
+    counted = counter.n
+    monkeypatch.undo()
+    assert counted <= 2, counted

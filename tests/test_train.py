@@ -184,7 +184,8 @@ def test_torchrun_two_cpu_processes(faces, tmp_path):
 
 def test_gpu_finetune_script_runs_on_the_cpu(tmp_path):
     """The one-shot device script (docs/training/gpu_finetune.sh) end to end with a tiny
-    model, a few seconds of training and two test faces: what a GPU session runs as it is."""
+    model under a short deadline: what a GPU session runs as it is. It must end within its
+    deadline and leave weights, log, profile and the decode grid in $OUT, with no test set."""
     import json
 
     from bpd_sr.pretrained import load_pretrained, save_checkpoint
@@ -193,21 +194,61 @@ def test_gpu_finetune_script_runs_on_the_cpu(tmp_path):
     root = Path(__file__).resolve().parents[1]
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "train.npz", images=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8))
-    np.savez(tmp_path / "test.npz", images=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
     init = save_checkpoint(tmp_path / "init.pt", tiny_model(k=2, dtype=torch.float32))
     out = tmp_path / "out"
+    deadline = 48
     env = dict(os.environ, OUT=str(out), RUNS=str(tmp_path / "runs"), BS="4", K="2",
-               DATA=str(tmp_path / "train.npz"), TEST=str(tmp_path / "test.npz"), NEVAL="2",
+               DATA=str(tmp_path / "train.npz"), INIT=str(init), DEVICE="cpu",
+               DEADLINE=str(deadline), GRID_SECONDS="4", MARGIN="4", STOP_GAP="16",
+               GRID_RESERVE="3", EVAL_EVERY="1000", GRID_BATCHES="1,2", GRID_KS="2", PROFILE_STEPS="4",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                OMP_NUM_THREADS="1")
-    res = subprocess.run(["bash", str(root / "docs/training/gpu_finetune.sh"), "0.03", str(init)],
+    t0 = time.monotonic()
+    res = subprocess.run(["bash", str(root / "docs/training/gpu_finetune.sh")],
                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    took = time.monotonic() - t0
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    for name in ("default.pt", "log.jsonl", "eval.json", "eval.txt", "run.txt"):
+    assert took < deadline + 10, took  # the deadline holds (a few seconds for bash itself)
+    for name in ("default.pt", "log.jsonl", "profile.txt", "grid.json", "run.txt"):
         assert (out / name).is_file(), name
-    assert load_pretrained(out / "default.pt").cfg.k == 2
-    rows = json.loads((out / "eval.json").read_text())["rows"]
-    assert "sequential (mean)" in [r["method"] for r in rows]
+    model = load_pretrained(out / "default.pt")
+    assert model.cfg.k == 2
+    grid = json.loads((out / "grid.json").read_text())
+    assert grid["rows"][0]["k"] == 1 and grid["rows"][0]["tokens_per_step"] == 1.0
+    assert "self_cpu_time_total" in (out / "profile.txt").read_text()
+
+
+def test_the_gpu_script_refuses_a_learning_rate_above_the_previous_runs(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    previous = float((root / "docs/training/previous_peak_lr").read_text())
+    env = dict(os.environ, OUT=str(tmp_path), LR=str(previous * 2), DATA=__file__,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    res = subprocess.run(["bash", str(root / "docs/training/gpu_finetune.sh")], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "above the previous run's peak" in res.stderr
+
+
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_a_run_stopped_at_a_deadline_leaves_weights(faces, tmp_path, how):
+    """--export writes an inference checkpoint every --export-minutes: a run killed outright
+    (SIGKILL) still leaves its last export; one told to stop (SIGTERM) saves and exports."""
+    export = tmp_path / "export.pt"
+    cmd = [sys.executable, "-m", "bpd_sr", "train", "--data", str(faces), "--preset", "tiny",
+           "--batch-size", "4", "--max-steps", "100000", "--warmup-steps", "1", "--eval-every",
+           "1000", "--amp", "fp32", "--quiet", "--out", str(tmp_path / "run"), "--export",
+           str(export), "--export-minutes", "0.002", "--profile-steps", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not export.exists():
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    about = load_checkpoint(export)["about"]
+    assert about["step"] > 0 and "optimizer" not in load_checkpoint(export)
+    if how == "term":
+        assert proc.returncode == 130 and "checkpoint saved" in err
+        assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == about["step"]
 
 
 def test_a_checkpoint_of_another_version_resumes(faces, tmp_path, capsys):
