@@ -275,3 +275,88 @@ def test_resuming_what_cannot_be_resumed_is_one_line(faces, tmp_path):
                                     "--out", str(tmp_path), "--resume", "--quiet"])
     assert res.exit_code != 0 and "cannot be resumed" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_one_cross_entropy_equals_the_loss_of_each_slot():
+    """sr_loss scores every (position, slot) at once; it must equal the per-slot losses it
+    replaced: slot i at p against target p + i, past the end left out, the mean over slots."""
+    import math
+
+    import torch.nn.functional as F
+
+    from bpd_sr.train import sr_loss
+
+    g = torch.Generator().manual_seed(0)
+    b, t, k = 2, 3072, 4
+    logits = torch.randn(b, t, k, 256, generator=g)
+    cond = torch.randn(b, t, 256, generator=g)
+    targets = torch.randint(0, 256, (b, t), generator=g)
+    head_targets = torch.randint(0, 256, (b, t), generator=g)
+
+    def ce(i, tg):
+        return F.cross_entropy(logits[:, : t - i, i].flatten(0, 1), tg[:, i:].flatten())
+
+    base = ce(0, targets)
+    cond_ce = F.cross_entropy(cond.flatten(0, 1), targets.flatten())
+    for slot, tg in [(None, None), (2, None), (None, head_targets)]:
+        loss, stats = sr_loss(logits, cond, targets, 0.5, slot, tg)
+        heads = [ce(i, targets if tg is None else tg) for i in ([slot] if slot else range(1, k))]
+        want = base + 0.5 * cond_ce + torch.stack(heads).mean()
+        torch.testing.assert_close(loss, want)
+        torch.testing.assert_close(stats["heads_bpd"], torch.stack(heads).mean() / math.log(2))
+
+
+def test_compiling_falls_back_to_eager_when_it_fails_or_does_not_pay(monkeypatch):
+    from bpd_sr import trainspeed
+
+    calls = []
+
+    def step(x):
+        calls.append("eager")
+        return x + 1
+
+    def broken(fn):
+        def run(*a):
+            raise RuntimeError("inductor exploded\nsecond line")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    fn = trainspeed.StepFunction(step, "on", torch.device("cpu"), None)
+    assert [fn(i) for i in range(6)] == [1, 2, 3, 4, 5, 6]
+    assert fn.notes["compiled"] is False and fn.notes["compile_error"] == "inductor exploded"
+
+    def slow(fn_):
+        def run(*a):
+            time.sleep(0.05)
+            return fn_(*a)
+        return run
+
+    monkeypatch.setattr(torch, "compile", slow)
+    fn = trainspeed.StepFunction(step, "on", torch.device("cpu"), None)
+    assert [fn(i) for i in range(10)] == list(range(1, 11))
+    assert fn.phase == "eager" and fn.notes["compiled"] is False  # slower: dropped
+    assert fn.notes["compiled_step_s"] > fn.notes["eager_step_s"]
+    # auto on a CPU, or with too little budget left on any device: never compiled
+    assert trainspeed.StepFunction(step, "auto", torch.device("cpu"), None).compiled is None
+    assert trainspeed.StepFunction(step, "auto", torch.device("cuda"), 1.0).compiled is None
+
+
+def test_the_training_loop_reads_the_device_only_at_log_points(faces, tmp_path, monkeypatch):
+    """A host sync per step stalls a GPU: losses are read where they are logged. Counted:
+    reads made by bpd-sr's own code (the CPU optimizer reads its step counter, a CPU
+    tensor; on a GPU the fused optimizer does not)."""
+    reads = []
+
+    def counting(original):
+        def read(t, *a, **kw):
+            if "bpd_sr" in sys._getframe(1).f_code.co_filename:
+                reads.append(1)
+            return original(t, *a, **kw)
+        return read
+
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+    train(cfg(faces, tmp_path, regime="base", max_steps=12, eval_every=6, val_fraction=0.0,
+              profile_steps=0), progress=False)
+    monkeypatch.undo()
+    assert len(reads) <= 2 * 3 + 2, len(reads)  # 2 log points x 3 statistics, and setting up
