@@ -153,16 +153,41 @@ def _cache_file() -> Path | None:
     return Path(root) / "bpd-sr" / "autok.json"
 
 
-def _load(key: str) -> AutoK | None:
-    path = _cache_file()
-    try:
-        entry = json.loads(path.read_text()).get(key) if path and path.is_file() else None
-        return AutoK(**entry) if entry else None
-    except (OSError, ValueError, TypeError):
+def _valid(entry, key_candidates: list[int]) -> AutoK | None:
+    """An entry of the cache file as an AutoK, or None if it is anything else: the file is
+    the user's to break (by hand, another version, a disk error), never a reason to fail."""
+    if not isinstance(entry, dict):
         return None
+    try:
+        choice = AutoK(**entry)
+    except TypeError:
+        return None
+    tables = (choice.seconds_per_step, choice.tokens_per_step, choice.tokens_per_second)
+    ok = (type(choice.k) is int and choice.k in key_candidates
+          and type(choice.batch) is int and choice.batch >= 1
+          and isinstance(choice.calibration_seconds, (int, float))
+          and all(isinstance(t, dict) and all(isinstance(v, (int, float)) for v in t.values())
+                  for t in tables))
+    return choice if ok else None
+
+
+def _read_cache(path: Path) -> dict:
+    """The cache file's entries; {} for a missing, unreadable or malformed file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _load(key: str, candidates: list[int]) -> AutoK | None:
+    path = _cache_file()
+    return _valid(_read_cache(path).get(key), candidates) if path else None
 
 
 def _save(key: str, choice: AutoK) -> None:
+    """Add the choice to the cache file, atomically; whatever else in it is not a valid entry
+    is dropped, so a corrupt file is rewritten whole."""
     from .atomic import write_atomic
 
     path = _cache_file()
@@ -170,10 +195,11 @@ def _save(key: str, choice: AutoK) -> None:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = json.loads(path.read_text()) if path.is_file() else {}
+        data = {k: v for k, v in _read_cache(path).items()
+                if isinstance(v, dict) and _valid(v, list(CANDIDATES)) is not None}
         data[key] = asdict(choice)
         write_atomic(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
-    except (OSError, ValueError):
+    except OSError:
         pass  # a cache that cannot be written only costs the next run a calibration
 
 
@@ -188,7 +214,7 @@ def choose_k(model, lr: torch.Tensor, candidates=CANDIDATES, **rule) -> AutoK:
     memo = model.__dict__.setdefault("_autok", {})
     if key in memo:
         return memo[key]
-    choice = _load(key)
+    choice = _load(key, ks)
     if choice is None:
         t0 = time.perf_counter()
         if len(ks) == 1:

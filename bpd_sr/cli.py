@@ -8,9 +8,13 @@ import sys
 
 import click
 
-from .config import DEFAULT_EPSILON, DEFAULT_RULE, MODEL_PRESETS, TrainConfig
+from .config import DEFAULT_EPSILON, DEFAULT_K, DEFAULT_RULE, MODEL_PRESETS, TrainConfig
 from .framing import CROPS
 from .rules import RULES
+
+# what evaluate and benchmark compare by default: exact acceptance, the paper's tolerance and
+# the package's own default
+EPSILONS_COMPARED = ",".join(map(str, sorted({0, 2, DEFAULT_EPSILON})))
 
 RULE_HELP = ("Decoding rule: the intensity taken from each 256-way distribution. mean: the "
              "expected intensity (sharper faces, more accepted tokens per step); argmax: the "
@@ -265,19 +269,26 @@ LEGEND = ("per input: the files written; steps = decoding steps, tokens/step = m
           "= decoder passes, seconds = decoding time")
 
 
-def _compile(model, lr, k, epsilon: int, rule: str, temperature: float, quiet: bool) -> None:
-    """Compile the decoder steps a decode of lr with this k will run. k = 'auto' is chosen
-    first, by the eager step's costs (the choice is kept: the decode reuses it), so that only
-    the chosen k's shapes are compiled."""
+def _choose_k(model, lr, epsilon: int, rule: str, temperature: float, quiet: bool) -> int:
+    """--k auto: the fastest k for decodes like lr's, chosen once by the eager step's costs
+    (bpd_sr.autok), with the acceptance settings the decode will use; said on the terminal."""
+    from .autok import choose_k
+
+    if temperature > 0:
+        settings = {"epsilon": 0, "rule": DEFAULT_RULE, "temperature": temperature}
+    else:
+        settings = {"epsilon": epsilon, "rule": rule, "temperature": 0.0}
+    choice = choose_k(model, lr, top_t=None, min_block=1, refine=255, **settings)
+    if not quiet:
+        click.echo(f"--k auto chose k={choice.k}" + (" (sequential decoding)" if choice.k == 1
+                                                      else "") + " from this machine's timings")
+    return choice.k
+
+
+def _compile(model, k: int, quiet: bool) -> None:
+    """Compile exactly the decoder steps a decode with this k runs (one token, and k)."""
     from .compiled import compile_decoder, warm_up
 
-    if k == "auto":
-        from .autok import choose_k
-
-        if temperature > 0:  # what upscale.decode passes when sampling: the same choice is reused
-            epsilon, rule = 0, DEFAULT_RULE
-        k = choose_k(model, lr, epsilon=epsilon, top_t=None, min_block=1, rule=rule,
-                     refine=None, temperature=temperature).k
     compile_decoder(model)
     seconds = warm_up(model, 1, (k,))
     if not quiet:
@@ -304,10 +315,12 @@ def _first_input(plans, crop: str):
 @click.option("-r", "--recursive", is_flag=True, help="Look for images in subfolders too.")
 @click.option("--suffix", default="_x4", show_default=True, help="Added to each output's name.")
 @click.option("--crop", type=click.Choice(CROPS), default="auto", show_default=True, help=CROP_HELP)
-@click.option("--k", type=_k_choice, default="auto", show_default=True,
-              help="Proposals per step, or 'auto': the fastest k at batch 1 on this machine "
-                   "(or sequential decoding), from measured step costs and acceptance; measured "
-                   "once and kept in ~/.cache/bpd-sr (README, Speed).")
+@click.option("--k", type=_k_choice, default=None, metavar="K|auto",
+              help=f"Proposals per step [default: {DEFAULT_K}, or every slot of a model with "
+                   "fewer]. 'auto' (opt-in): the fastest k at batch 1 on this machine (or "
+                   "sequential decoding), timed and kept in ~/.cache/bpd-sr; with --epsilon "
+                   "above 0 each k gives a different image, so auto's images can differ between "
+                   "machines. The k that decoded is printed.")
 @click.option("--compile", "compile_step", is_flag=True,
               help="Run the decoder steps through torch.compile (Inductor): faster steps after "
                    "a compile of tens of seconds the first time (then read from Inductor's "
@@ -364,9 +377,10 @@ def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, ep
     if samples is not None and temperature == 0:
         raise click.UsageError("--samples needs --temperature: greedy and blockwise decoding "
                                "give one result per input")
-    # a map of accepted blocks needs blockwise decoding: every proposal slot, not auto's pick
-    settings = DecodeSettings(greedy, None if heatmap and k == "auto" else k, epsilon,
-                              temperature, seed, rule)
+    given = click.get_current_context().get_parameter_source
+    if greedy and (k is not None or given("epsilon") != click.core.ParameterSource.DEFAULT):
+        raise click.UsageError("--greedy decodes one token per step: --k and --epsilon do "
+                               "not apply")
     # 1. inputs, and the names of every output, before any decoding
     found = imageio.find_images(list(paths), recursive)
     if found.skipped and not quiet:
@@ -378,11 +392,14 @@ def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, ep
     if not plans:
         _report_failures(failed)
         raise click.ClickException("no images to upscale")
-    # 2. the model
+    # 2. the model, and the k that decodes every input (auto: chosen once, from the first)
     model = _upscale_model(checkpoint, device, threads, k)
+    k = min(DEFAULT_K, model.cfg.k) if k is None else k
+    if k == "auto" and not greedy:
+        k = _choose_k(model, _first_input(plans, crop), epsilon, rule, temperature, quiet)
+    settings = DecodeSettings(greedy, k, epsilon, temperature, seed, rule)
     if compile_step:
-        _compile(model, _first_input(plans, crop), 1 if greedy else k, epsilon, rule, temperature,
-                 quiet)
+        _compile(model, 1 if greedy else k, quiet)
     # 3. each input: read, decode, write
     if not quiet:
         click.echo(LEGEND)
@@ -395,7 +412,8 @@ def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, ep
         if not quiet:
             for notice in done.notices:
                 click.echo(f"{path}: {notice}")
-            click.echo(f"{path} -> {', '.join(map(str, done.written))}: {done.steps} steps, "
+            click.echo(f"{path} -> {', '.join(map(str, done.written))}: {settings.method}, "
+                       f"{done.steps} steps, "
                        f"{done.tokens_per_step:.2f} tokens/step, {done.model_calls} model calls, "
                        f"{done.seconds:.1f} s")
     if failed:
@@ -407,7 +425,7 @@ def _upscale_model(checkpoint: str | None, device: str, threads: int | None, k: 
     """The model to upscale with, on its device; --k checked against its proposal slots."""
     device = pick_device(device)
     model = _load_model(checkpoint, device, threads)
-    if k != "auto" and k > model.cfg.k:
+    if k not in (None, "auto") and k > model.cfg.k:
         raise click.ClickException(f"--k must be in 1..{model.cfg.k} or auto for this model")
     return model
 
@@ -448,7 +466,8 @@ def _write_json(path: str, obj) -> None:
 @main.command("evaluate")
 @click.argument("data", type=click.Path())
 @click.option("--k", "ks", default="4,8,10", show_default=True, help="Comma-separated k values.")
-@click.option("--epsilon", "epsilons", default="0,2", show_default=True)
+@click.option("--epsilon", "epsilons", default=EPSILONS_COMPARED, show_default=True,
+              help="Comma-separated tolerances: exact, the paper's 2 and the package default.")
 @click.option("--rule", "rules", default=DEFAULT_RULE, show_default=True,
               help="Comma-separated decoding rules (mean, argmax, median); every deterministic "
                    "row is decoded with each.")
@@ -576,7 +595,8 @@ def _q(q: dict, bicubic: dict) -> dict:
                    "data/examples) or a CelebA root.")
 @click.option("--limit", type=int, default=16, show_default=True, help="Faces for the batch-1 table.")
 @click.option("--k", "ks", default="2,4,6,8,10", show_default=True)
-@click.option("--epsilon", "epsilons", default="0,2", show_default=True)
+@click.option("--epsilon", "epsilons", default=EPSILONS_COMPARED, show_default=True,
+              help="Comma-separated tolerances: exact, the paper's 2 and the package default.")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="For the throughput table.")
 @click.option("--rule", type=click.Choice(RULES), default=DEFAULT_RULE, show_default=True,
               help=RULE_HELP)

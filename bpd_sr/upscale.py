@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import imageio, viz
-from .config import DEFAULT_EPSILON, DEFAULT_RULE
+from .config import DEFAULT_EPSILON, DEFAULT_K, DEFAULT_RULE
 from .decoding import DecodeResult, blockwise_parallel_decode, greedy_decode, sample_decode
 from .model import ImageTransformer
 from .outputs import OutputNames
@@ -29,11 +29,24 @@ class DecodeSettings:
     0, exact sampling instead (seeded per sample)."""
 
     greedy: bool = False
-    k: int | str | None = None  # None: every proposal slot the model has; "auto": bpd_sr.autok
+    k: int | str | None = DEFAULT_K  # None: every slot the model has; "auto": bpd_sr.autok
     epsilon: int = DEFAULT_EPSILON
     temperature: float = 0.0
     seed: int = 0
     rule: str = DEFAULT_RULE
+
+    @property
+    def method(self) -> str:
+        """What decodes, in words: every output line names it."""
+        if self.greedy:
+            way = "sequential"
+        elif self.temperature > 0:
+            way = f"blockwise k={self.k}"
+        else:
+            way = f"blockwise k={self.k} epsilon={self.epsilon}"
+        if self.temperature > 0:
+            return f"{way}, sampling T={self.temperature} seed={self.seed}"
+        return f"{way}, rule {self.rule}"
 
 
 def decode(model: ImageTransformer, lr: torch.Tensor, settings: DecodeSettings,
@@ -107,7 +120,7 @@ def upscale_file(model: ImageTransformer, path: Path, names: OutputNames,
         done.model_calls += res.model_calls
         done.seconds += res.seconds
     _make_folders(names)
-    k = model.cfg.k if settings.k in (None, "auto") else settings.k
+    k = model.cfg.k if settings.k in (None, "auto") else settings.k  # for the heatmap's scale
     for i, (name, res) in enumerate(zip(names.results, results, strict=True)):
         done.written.append(_write(name, res.images[0].numpy()))
         if names.heatmaps:

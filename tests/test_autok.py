@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from bpd_sr import autok, blockwise_parallel_decode, greedy_decode
@@ -54,3 +56,25 @@ def test_auto_follows_the_costs(monkeypatch, tmp_path):
         monkeypatch.setattr(autok, "_seconds_per_step", cost)
         res = blockwise_parallel_decode(model, lr, k="auto", n_tokens=200)
         assert (max(len(a) for a in res.accepted) < 200) == expect_blockwise
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("content", [b"not json {\xff", b"[1, 2, 3]", b'{"KEY": {"k": 99}}',
+                                     b'{"KEY": {"k": "abc"}}'])
+def test_any_cache_content_is_ignored_and_rewritten(monkeypatch, tmp_path, content):
+    """The cache file may hold anything (a user's edit, another version, a disk error): the
+    choice is measured again and the file rewritten, never a traceback."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = tiny_model(k=4, seed=7)
+    lr = random_lr(1, seed=7)
+    rule = dict(epsilon=0, top_t=None, min_block=1, temperature=0.0)
+    key = autok._fingerprint(model, 1, rule, [1, 2, 4])
+    path = tmp_path / "bpd-sr" / "autok.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content.replace(b"KEY", key.encode()))
+    choice = autok.choose_k(model, lr, **rule)
+    assert choice.k in (1, 2, 4)
+    saved = json.loads(path.read_text())
+    assert isinstance(saved, dict) and saved[key]["k"] == choice.k

@@ -70,9 +70,27 @@ def test_upscale_one_file_with_compare_and_heatmap(tmp_path, tiny_ckpt):
     assert "tokens/step" in line and "model calls" in line
 
 
-def test_heatmap_decodes_blockwise_even_when_auto_would_not(tmp_path, tiny_ckpt, monkeypatch):
-    """--k auto may choose sequential decoding, whose map of accepted blocks is flat; a
-    heatmap asks for the blockwise decode."""
+def test_the_same_upscale_gives_the_same_image_every_time(tmp_path, tiny_ckpt, monkeypatch):
+    """The image is a function of the input, the weights and the options: not of the k = auto
+    cache (cold, warm or corrupt), the thread count or --heatmap. Every line names the k and
+    tolerance that decoded."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    src = face(tmp_path / "a.png")
+    outputs = []
+    runs = [(), ("--threads", "2"), ("--heatmap",)]
+    for i, extra in enumerate(runs):
+        if i == 1:  # a corrupt k = auto cache file (any content: tests/test_autok.py)
+            (tmp_path / "xdg" / "bpd-sr").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "xdg" / "bpd-sr" / "autok.json").write_text('{"x": {"k": 99}}')
+        res = run("upscale", src, "--checkpoint", tiny_ckpt, "-o", tmp_path / f"out{i}", *extra)
+        assert res.exit_code == 0, res.output
+        line = next(x for x in res.output.splitlines() if x.startswith(f"{src} -> "))
+        assert "blockwise k=4 epsilon=2, rule mean" in line  # the tiny model's 4 slots
+        outputs.append((tmp_path / f"out{i}" / "a_x4.png").read_bytes())
+    assert all(o == outputs[0] for o in outputs)
+
+
+def test_auto_is_opt_in_and_says_what_it_chose(tmp_path, tiny_ckpt, monkeypatch):
     import bpd_sr.autok as autok
 
     def sequential(model, lr, *args, **kwargs):  # auto's choice on a machine where it pays
@@ -81,13 +99,20 @@ def test_heatmap_decodes_blockwise_even_when_auto_would_not(tmp_path, tiny_ckpt,
 
     monkeypatch.setattr(autok, "choose_k", sequential)
     src = face(tmp_path / "a.png")
-    res = run("upscale", src, "--checkpoint", tiny_ckpt, "--heatmap")
+    res = run("upscale", src, "--checkpoint", tiny_ckpt, "--k", "auto", "--heatmap")
     assert res.exit_code == 0, res.output
+    assert "--k auto chose k=1 (sequential decoding)" in res.output
     line = next(x for x in res.output.splitlines() if x.startswith(f"{src} -> "))
-    assert "3072 steps" not in line  # blockwise: fewer steps than tokens
-    res = run("upscale", src, "--checkpoint", tiny_ckpt, "-o", tmp_path / "plain")
-    line = next(x for x in res.output.splitlines() if x.startswith(f"{src} -> "))
-    assert "3072 steps" in line  # without a heatmap, auto's choice (sequential here) stands
+    assert "blockwise k=1 epsilon=2" in line and "3072 steps" in line  # --heatmap changes nothing
+
+
+def test_greedy_refuses_options_it_would_ignore(tmp_path, tiny_ckpt):
+    src = face(tmp_path / "a.png")
+    for extra in (("--k", "4"), ("--epsilon", "9"), ("--epsilon", "2")):
+        res = run("upscale", src, "--checkpoint", tiny_ckpt, "--greedy", *extra)
+        assert res.exit_code == 2 and "do not apply" in res.output, res.output
+    res = run("upscale", src, "--checkpoint", tiny_ckpt, "--greedy")
+    assert res.exit_code == 0 and "sequential, rule mean" in res.output
 
 
 def test_pictures_are_labelled_and_readable(tmp_path, tiny_ckpt):
