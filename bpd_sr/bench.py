@@ -24,6 +24,7 @@ from .config import DEFAULT_EPSILON, DEFAULT_RULE
 from .decoding import DecodeResult, blockwise_parallel_decode, greedy_decode
 from .metrics import quality, upscale_bicubic, upscale_lanczos
 from .model import ImageTransformer
+from .quiet import quiet_stderr
 from .tokens import BOS, downsample, previous_token_inputs
 
 # Stern et al. 2018, Table 2 (CelebA dev, mean accepted block size; docs/method.md):
@@ -336,7 +337,7 @@ def op_counts(model, variant: str, k: int = 1, batch: int = 1, compiled=None) ->
         model._compiled_step = compiled
     for _ in range(3):
         fn()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     model.__dict__.pop("_compiled_step", None)
     aten = [e for e in prof.events() if e.name.startswith("aten::")]

@@ -51,10 +51,71 @@ def one_line_errors(fn):
     return wrapper
 
 
+def _check_threads(ctx, param, value):
+    """--threads or $BPD_SR_THREADS, checked before any work; a count above the cores warns."""
+    import os
+
+    from .threads import ENV, resolve
+
+    try:
+        n = resolve(value)
+    except ValueError as e:
+        raise click.BadParameter(f"{e} (from ${ENV})") from None
+    cores = os.cpu_count() or 1
+    if n > cores:
+        click.echo(f"bpd-sr: warning: {n} threads on {cores} cores: every step waits for "
+                   "threads that share a core; expect decoding to be many times slower", err=True)
+    return value
+
+
+def _finite(ctx, param, value):
+    """A float option must be a number: nan and inf pass click's ranges."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+def _writable_folder(path, what: str) -> None:
+    """Checked before any work: ``path`` is a folder (made if missing) that can be written."""
+    import tempfile
+    from pathlib import Path
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise click.UsageError(f"{what} {p} is a file, not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        raise click.UsageError(f"cannot write into {what} {p}: {e.strerror or e}") from None
+
+
+def _writable_file(path, what: str) -> None:
+    """Checked before any work: a file can be written at ``path`` (not a folder)."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise click.UsageError(f"{what} {p} is a folder: give a file name")
+    _writable_folder(p.parent, f"the folder of {what}")
+
+
+def _check_suffix(ctx, param, value: str) -> str:
+    import os
+
+    if any(sep in value for sep in {"/", "\\", os.sep}) or value in (".", ".."):
+        raise click.BadParameter(f"{value!r} would put outputs in another folder: use --output "
+                                 "for where they go")
+    return value
+
+
 def threads_option(fn):
     """--threads, the same on every command that decodes (bpd_sr.threads: one policy)."""
     return click.option(
-        "--threads", type=click.IntRange(0, None), default=None,
+        "--threads", type=click.IntRange(0, None), default=None, callback=_check_threads,
         help="CPU threads [default: $BPD_SR_THREADS, else 1]. Decoding is many tiny matrix "
              "products in a row, which more threads only slow down; 0 leaves PyTorch's "
              "default (README, Speed).")(fn)
@@ -121,17 +182,50 @@ def main() -> None:
                    "at the end: a run killed at a deadline still leaves weights.")
 @click.option("--export-minutes", type=click.FloatRange(0, None, min_open=True), default=2.0,
               show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the batch order, flips and initialisation.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its last checkpoint, with its own settings "
+                   "(only --max-steps and --max-minutes may grow).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
 def train_command(resume: bool, quiet: bool, **kwargs) -> None:
-    """Train a model (single process, or many with torchrun -m bpd_sr train)."""
+    """Train a model (single process, or many with torchrun -m bpd_sr train).
+
+    Ctrl-C or SIGTERM saves the checkpoint before stopping; --resume continues from it."""
     from .train import train
 
+    _check_train_options(resume, kwargs)
     cfg = TrainConfig(**kwargs)
     path = train(cfg, resume=resume, progress=not quiet)
     click.echo(f"checkpoint: {path}")
+
+
+def _check_train_options(resume: bool, options: dict) -> None:
+    """Options that would be silently ignored are refused: a resumed run keeps its settings,
+    and a warm start (--init) takes its model's size from the checkpoint, not --preset."""
+    from pathlib import Path
+
+    from .pretrained import load_checkpoint
+
+    source = click.get_current_context().get_parameter_source
+    given = {name for name in options if source(name) != click.core.ParameterSource.DEFAULT}
+    if resume:
+        last = Path(options["out"]) / "last.pt"
+        if not last.is_file():
+            raise click.UsageError(f"--resume: there is no run to continue in {options['out']} "
+                                   "(no last.pt); leave out --resume to start one")
+        saved = load_checkpoint(last).get("train_config", {})
+        clash = sorted(n for n in given - {"max_steps", "max_minutes", "out"}
+                       if n in saved and saved[n] != options[n])
+        if clash:
+            said = ", ".join(f"--{n.replace('_', '-')} {options[n]} (the run has {saved[n]})"
+                             for n in clash)
+            raise click.UsageError(f"--resume continues the run with its own settings: {said}; "
+                                   "only --max-steps and --max-minutes may change")
+    elif options["init"] and "preset" in given:
+        raise click.UsageError("--preset does not apply with --init: the model's size is the "
+                               "checkpoint's")
 
 
 main.add_command(train_command)
@@ -288,9 +382,11 @@ def _choose_k(model, lr, epsilon: int, rule: str, temperature: float, quiet: boo
 def _compile(model, k: int, quiet: bool) -> None:
     """Compile exactly the decoder steps a decode with this k runs (one token, and k)."""
     from .compiled import compile_decoder, warm_up
+    from .quiet import quiet_stderr
 
     compile_decoder(model)
-    seconds = warm_up(model, 1, (k,))
+    with quiet_stderr():  # Inductor's autotuning prints a table per matrix product
+        seconds = warm_up(model, 1, (k,))
     if not quiet:
         click.echo(f"compiled the decoder step (k={k}) in {seconds:.1f} s")
 
@@ -313,7 +409,8 @@ def _first_input(plans, crop: str):
               help="Folder for the outputs (created if needed), keeping the inputs' folder "
                    "structure under it. Default: beside each input.")
 @click.option("-r", "--recursive", is_flag=True, help="Look for images in subfolders too.")
-@click.option("--suffix", default="_x4", show_default=True, help="Added to each output's name.")
+@click.option("--suffix", default="_x4", show_default=True, callback=_check_suffix,
+              help="Added to each output's name (no folder separators: see --output).")
 @click.option("--crop", type=click.Choice(CROPS), default="auto", show_default=True, help=CROP_HELP)
 @click.option("--k", type=_k_choice, default=None, metavar="K|auto",
               help=f"Proposals per step [default: {DEFAULT_K}, or every slot of a model with "
@@ -340,18 +437,18 @@ def _first_input(plans, crop: str):
 @click.option("--compare", is_flag=True, help="Also write <name>_compare.png: input | bicubic | "
               "bpd-sr | original (when the input was larger than 8x8), enlarged and labelled.")
 @click.option("--heatmap", is_flag=True, help="Also write <name>_heatmap.png: the result beside "
-              "the accepted block length of the step that produced each pixel, with a colour bar. "
-              "With --k auto it decodes blockwise with every proposal slot (auto may pick "
-              "sequential decoding, whose map would be flat).")
+              "the accepted block length of the step that produced each pixel, with a colour bar "
+              "(it changes nothing in the result).")
 @click.option("--preview-scale", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Enlargement of the --compare and --heatmap pictures (nearest neighbour). "
                    "The result itself is always 32x32.")
 @click.option("--temperature", type=click.FloatRange(0, None), default=0.0, show_default=True,
+              callback=_finite,
               help="Sample at this temperature instead of decoding greedily (0.8-0.9 look most "
                    "real). Exact: proposals are kept by the speculative-sampling rule.")
 @click.option("--samples", type=click.IntRange(1, 64), default=None,
               help="With --temperature: this many different samples of each input [default: 1].")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, 10**12), default=0, show_default=True,
               help="Seed of the sampler: the same seed gives the same samples.")
 @threads_option
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
@@ -392,6 +489,8 @@ def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, ep
     if not plans:
         _report_failures(failed)
         raise click.ClickException("no images to upscale")
+    for folder in sorted({p.parent for names in plans.values() for p in names.all()}):
+        _writable_folder(folder, "output folder")  # before hours of decoding, not after
     # 2. the model, and the k that decodes every input (auto: chosen once, from the first)
     model = _upscale_model(checkpoint, device, threads, k)
     k = min(DEFAULT_K, model.cfg.k) if k is None else k
@@ -437,11 +536,38 @@ def _report_failures(failed: list) -> None:
             click.echo(f"  {path}: {why}", err=True)
 
 
-def _parse_ints(text: str) -> list[int]:
+def _parse_ints(text: str, minimum: int | None = None) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if minimum is not None and any(v < minimum for v in values):
+        raise click.BadParameter(f"every value must be at least {minimum}, got {text!r}")
+    return values
+
+
+def int_list(minimum: int, allow_empty: bool = False):
+    """A click callback: comma-separated whole numbers >= minimum, parsed before any work."""
+    def parse(ctx, param, value):
+        values = _parse_ints(value, minimum)
+        if not values and not allow_empty:
+            raise click.BadParameter("give at least one value")
+        return values
+    return parse
+
+
+def _positive_floats(ctx, param, value):
+    """A click callback: comma-separated finite numbers > 0 ('' for none)."""
+    import math
+
+    try:
+        values = [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+    if any(not (math.isfinite(v) and v > 0) for v in values):
+        raise click.BadParameter(f"temperatures must be finite and above 0, got {value!r} "
+                                 "(temperature 0 is the sequential decode, always included)")
+    return values
 
 
 def _parse_rules(text: str) -> list[str]:
@@ -465,8 +591,10 @@ def _write_json(path: str, obj) -> None:
 
 @main.command("evaluate")
 @click.argument("data", type=click.Path())
-@click.option("--k", "ks", default="4,8,10", show_default=True, help="Comma-separated k values.")
+@click.option("--k", "ks", default="4,8,10", show_default=True, callback=int_list(1),
+              help="Comma-separated k values (each at most the model's proposal slots).")
 @click.option("--epsilon", "epsilons", default=EPSILONS_COMPARED, show_default=True,
+              callback=int_list(0),
               help="Comma-separated tolerances: exact, the paper's 2 and the package default.")
 @click.option("--rule", "rules", default=DEFAULT_RULE, show_default=True,
               help="Comma-separated decoding rules (mean, argmax, median); every deterministic "
@@ -475,16 +603,22 @@ def _write_json(path: str, obj) -> None:
               help="Blockwise rows: after a partial acceptance, take the next proposals from the "
                    "verify pass where the first rejected proposal missed by at most this many "
                    "levels (255: always; 0: never, the paper's proposals).")
-@click.option("--limit", type=int, default=None, help="Use the first N faces.")
-@click.option("--temperature", "temperatures", default="", help="Also sample at these "
-              "temperatures (comma-separated), plainly and blockwise with each k.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--checkpoint", type=click.Path(), default=None)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
-@click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the results here.")
+@click.option("--limit", type=click.IntRange(1, None), default=None, help="Use the first N faces.")
+@click.option("--temperature", "temperatures", default="", callback=_positive_floats,
+              help="Also sample at these temperatures (comma-separated, above 0), plainly "
+                   "and blockwise with each k.")
+@click.option("--seed", type=click.IntRange(0, 10**12), default=0, show_default=True,
+              help="Seed of the samplers (--temperature).")
+@click.option("--batch-size", type=click.IntRange(1, None), default=32, show_default=True,
+              help="Faces decoded together.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="A checkpoint to use instead of the shipped weights.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",
+              show_default=True, help="auto: cuda, then mps, then cpu.")
+@click.option("--json", "json_path", type=click.Path(), default=None,
+              help="Also write the results here (checked before decoding).")
 @threads_option
-@click.option("-q", "--quiet", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
 def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, seed, batch_size,
                      checkpoint, device, json_path, threads, quiet):
@@ -506,8 +640,12 @@ def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, see
     from .tokens import downsample
 
     rule_list = _parse_rules(rules)
+    if json_path:
+        _writable_file(json_path, "--json")
     hr = load_faces(data, split="test", limit=limit)
     model = _load_model(checkpoint, pick_device(device), threads)
+    if max(ks) > model.cfg.k:
+        raise click.UsageError(f"--k {max(ks)}: this model has {model.cfg.k} proposal slots")
     lr = downsample(hr)
     ref = hr.numpy()
     bicubic = quality(upscale_bicubic(lr.numpy()), ref)
@@ -518,13 +656,13 @@ def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, see
 
         cond = conditioning_images(model.cond, lr, batch_size).numpy()
         rows.append({"method": "cond net (mean)", **_q(quality(cond, ref), bicubic)})
-    k_list = [k for k in _parse_ints(ks) if k <= model.cfg.k]
+    k_list = ks
     configs = []
     for rule in rule_list:
         configs += [(f"sequential ({rule})", 1, 0, 0.0, rule)]
         configs += [(f"k={k} eps={e} ({rule})", k, e, 0.0, rule)
-                    for k in k_list for e in _parse_ints(epsilons)]
-    for t in (float(x) for x in temperatures.split(",") if x.strip()):
+                    for k in k_list for e in epsilons]
+    for t in temperatures:
         configs += [(f"sample T={t}", 1, 0, t, None)]
         configs += [(f"blockwise k={k} T={t}", k, 0, t, None) for k in k_list]
     sequential: dict = {}  # rule -> (PSNR, images) of its sequential decode
@@ -593,21 +731,27 @@ def _q(q: dict, bicubic: dict) -> dict:
 @click.option("--data", type=click.Path(), required=True,
               help="Faces to decode: an npz of 32x32 faces, a folder of face images (e.g. "
                    "data/examples) or a CelebA root.")
-@click.option("--limit", type=int, default=16, show_default=True, help="Faces for the batch-1 table.")
-@click.option("--k", "ks", default="2,4,6,8,10", show_default=True)
+@click.option("--limit", type=click.IntRange(1, None), default=16, show_default=True,
+              help="Faces for the batch-1 table.")
+@click.option("--k", "ks", default="2,4,6,8,10", show_default=True, callback=int_list(1),
+              help="Comma-separated k values (those above the model's proposal slots are left out).")
 @click.option("--epsilon", "epsilons", default=EPSILONS_COMPARED, show_default=True,
+              callback=int_list(0),
               help="Comma-separated tolerances: exact, the paper's 2 and the package default.")
-@click.option("--batch-sizes", default="1,8,32", show_default=True, help="For the throughput table.")
+@click.option("--batch-sizes", default="1,8,32", show_default=True, callback=int_list(1),
+              help="For the throughput table (and --speed, --grid).")
 @click.option("--rule", type=click.Choice(RULES), default=DEFAULT_RULE, show_default=True,
               help=RULE_HELP)
-@click.option("--temperatures", default="0.8,0.9,1.0", show_default=True,
+@click.option("--temperatures", default="0.8,0.9,1.0", show_default=True, callback=_positive_floats,
               help="Exact sampling: plain against blockwise (k from --sampling-k); '' to skip.")
-@click.option("--sampling-k", default="4,10", show_default=True)
+@click.option("--sampling-k", default="4,10", show_default=True, callback=int_list(1, True),
+              help="k of the blockwise sampling rows.")
 @click.option("--step-costs/--no-step-costs", default=True, show_default=True,
               help="Also time one decoding step over k tokens against a greedy step.")
-@click.option("--step-repeats", type=int, default=300, show_default=True,
+@click.option("--step-repeats", type=click.IntRange(1, None), default=300, show_default=True,
               help="Timed repetitions of each step (median).")
-@click.option("--checkpoint", type=click.Path(), default=None)
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="A checkpoint to use instead of the shipped weights.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="benchmark",
               show_default=True, help="Folder for benchmark.json, table.md and plots.png.")
 @click.option("--plots/--no-plots", default=True, show_default=True,
@@ -616,7 +760,8 @@ def _q(q: dict, bicubic: dict) -> dict:
               help="Only the speed report (speed.json, speed.md): one step at 1 and --speed-k "
                    "tokens as it was, eager and compiled, operations per step, the weight-read "
                    "floor, and seconds per image at --batch-sizes (sequential, k, k=auto).")
-@click.option("--speed-k", type=int, default=8, show_default=True)
+@click.option("--speed-k", type=click.IntRange(2, None), default=8, show_default=True,
+              help="Speed report: the k of the blockwise step and decodes.")
 @click.option("--tokens", type=click.IntRange(1, 3072), default=3072, show_default=True,
               help="Speed report: decode only the first N tokens of each image (a quicker run).")
 @click.option("--compile/--no-compile", "compile_step", default=True, show_default=True,
@@ -627,10 +772,10 @@ def _q(q: dict, bicubic: dict) -> dict:
                    "on --device, within --budget-seconds (made for a lent GPU).")
 @click.option("--budget-seconds", type=click.FloatRange(0, None, min_open=True), default=60.0,
               show_default=True, help="Grid: start no decode after this many seconds.")
-@click.option("--device", default="cpu", show_default=True,
-              help="Grid: auto, cpu, cuda or mps (the other benchmarks run on the CPU).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="cpu",
+              show_default=True, help="Grid: where to decode (the other benchmarks run on the CPU).")
 @threads_option
-@click.option("-q", "--quiet", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True, help="Only the results.")
 @one_line_errors
 def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures, sampling_k,
                       step_costs, step_repeats, checkpoint, out_dir, plots, speed, speed_k, tokens,
@@ -649,13 +794,14 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures
     from .atomic import write_atomic
     from .data import load_faces
 
+    _writable_folder(out_dir, "--out")
     if grid:
-        _grid(checkpoint, data, limit, _parse_ints(ks), _parse_ints(epsilons),
-              _parse_ints(batch_sizes), rule, budget_seconds, device, threads, out_dir, quiet)
+        _grid(checkpoint, data, limit, ks, epsilons, batch_sizes, rule, budget_seconds, device,
+              threads, out_dir, quiet)
         return
     model = _load_model(checkpoint, "cpu", threads)
     if speed:
-        _speed(model, data, _parse_ints(batch_sizes), speed_k, tokens, compile_step, out_dir, quiet)
+        _speed(model, data, batch_sizes, speed_k, tokens, compile_step, out_dir, quiet)
         return
     if plots:  # before an hour of decoding, not after it
         try:
@@ -673,17 +819,17 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures
         if not quiet:
             click.echo("step cost over k tokens / greedy step: " + ", ".join(
                 f"k={k}: {c['ratio_to_greedy_step']:.2f}" for k, c in costs.items()))
-    hr = load_faces(data, split="test", limit=max(limit, max(_parse_ints(batch_sizes))))
+    hr = load_faces(data, split="test", limit=max(limit, max(batch_sizes)))
     bar = tqdm(disable=quiet, desc="table")
-    result["table"] = bench.table(model, hr[:limit], _parse_ints(ks), _parse_ints(epsilons),
+    result["table"] = bench.table(model, hr[:limit], ks, epsilons,
                                   progress=lambda s: bar.set_postfix_str(s) or bar.update(1),
                                   rule=rule)
     bar.close()
-    temps = [float(t) for t in temperatures.split(",") if t.strip()]
+    temps = temperatures
     if temps:
-        result["sampling"] = bench.sampling_table(model, hr[:limit], temps, _parse_ints(sampling_k))
-    configs = [(1, 0)] + [(k, e) for k in _parse_ints(ks) for e in _parse_ints(epsilons)]
-    result["throughput"] = bench.throughput(model, hr, _parse_ints(batch_sizes), configs,
+        result["sampling"] = bench.sampling_table(model, hr[:limit], temps, sampling_k)
+    configs = [(1, 0)] + [(k, e) for k in ks for e in epsilons]
+    result["throughput"] = bench.throughput(model, hr, batch_sizes, configs,
                                           rule=rule)
     out = Path(out_dir)
     _write_json(str(out / "benchmark.json"), result)
@@ -761,6 +907,7 @@ def export_command(checkpoint: str, dest: str, dtype: str) -> None:
     from .pretrained import export_weights
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    _writable_file(dest, "DEST")
     path = export_weights(checkpoint, dest, dt)
     click.echo(f"wrote {path}")
 

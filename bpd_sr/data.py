@@ -77,6 +77,8 @@ def _npz_files(path: Path) -> list[Path]:
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """One npz file -> (images uint8 (N, 32, 32, 3), source (N,) or None, celeba_id (N,) or None)."""
+    if path.is_file() and not zipfile.is_zipfile(path):  # np.load would blame pickled data
+        raise DataError(f"{path}: not an npz file (an npz is a zip archive of arrays)")
     try:
         with np.load(path, allow_pickle=False) as z:
             if "images" not in z.files:
@@ -326,8 +328,12 @@ def load_faces(
     """The first ``limit`` faces (all by default) of a dataset as one uint8 tensor
     (N, 32, 32, 3): small enough to hold in memory (200k CelebA faces are 600 MB), so that
     training batches and evaluation sets are free to assemble."""
+    if limit is not None and limit < 1:
+        raise DataError(f"the number of faces to use must be at least 1, got {limit}")
     ds = open_faces(path, split=split)
     n = len(ds) if limit is None else min(limit, len(ds))
+    if n == 0:
+        raise DataError(f"{path}: no faces in it")
     images = getattr(ds, "images", None)
     if images is not None:
         return torch.as_tensor(np.ascontiguousarray(images[:n]))

@@ -44,6 +44,8 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
 _INT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
+NOT_REGULAR = ("not a regular file (a pipe, a device, or a shell's <(...)): save the image "
+               "to a file first")
 SOFTWARE = "bpd-sr"  # the PNG "Software" text of every output: how a later run knows them
 
 
@@ -77,6 +79,8 @@ def read_input(path: str | os.PathLike) -> tuple[np.ndarray, str | None]:
         raise ImageError(f"cannot read {path}: no such file")
     if path.is_dir():
         raise ImageError(f"cannot read {path}: is a folder, not an image file")
+    if not path.is_file():
+        raise ImageError(f"cannot read {path}: {NOT_REGULAR}")
     try:
         if path.stat().st_size == 0:
             raise ImageError(f"cannot read {path}: file is empty (0 bytes)")
@@ -230,10 +234,15 @@ def list_images(folder: Path, recursive: bool) -> list[Path]:
 
 
 def is_own_output(path: Path) -> bool:
-    """Whether this file was written by bpd-sr (its PNG text says so; see ``SOFTWARE``)."""
+    """Whether this file was written by bpd-sr (its PNG text says so; see ``SOFTWARE``).
+    Only regular files are opened: a named pipe would block the read forever."""
+    if not path.is_file():
+        return False
     try:
-        with Image.open(path) as img:  # lazy: reads the header and text chunks, not the pixels
-            return str(img.info.get("Software", "")).split(" ")[0] == SOFTWARE
+        with warnings.catch_warnings():  # a huge image: read_image refuses it in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:  # lazy: reads the header and text chunks only
+                return str(img.info.get("Software", "")).split(" ")[0] == SOFTWARE
     except Exception:  # not an image, unreadable: read_image will say why
         return False
 
@@ -288,6 +297,8 @@ def find_images(paths: list[str | os.PathLike], recursive: bool = False) -> Foun
                 res.errors.append((path, reason))
             for p in images:
                 add(p, p.relative_to(path))
+        elif path.exists() and not path.is_file():
+            res.errors.append((path, NOT_REGULAR))
         elif path.exists():
             add(path, Path(path.name))
         else:

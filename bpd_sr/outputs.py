@@ -7,13 +7,16 @@ They go beside the input, or under ``--output`` at the input's path relative to 
 was found in (``in/a/face.png`` and ``in/b/face.png`` -> ``out/a/face_x4.png`` and
 ``out/b/face_x4.png``, as Real-ESRGAN-style tools do). Two inputs that would still write the
 same file (``face.png`` and ``face.jpg`` side by side), or an output that would be one of the
-inputs, are refused before decoding: the inputs concerned fail with a one-line reason.
+inputs, are refused before decoding: the inputs concerned fail with a one-line reason. So does an output that exists and was not
+written by bpd-sr (``imageio.is_own_output``): a user's file is never replaced.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from .imageio import is_own_output
 
 
 @dataclass
@@ -55,7 +58,11 @@ def plan_outputs(
             claims.setdefault(path.resolve(), []).append(source)
     refused: dict[Path, str] = {}
     for path, owners in claims.items():
-        if path in inputs:
+        if path.exists() and not is_own_output(path) and path not in inputs:
+            for source in owners:  # a file of the user's: only the tool's own are replaced
+                refused.setdefault(source, f"would overwrite {path}, which bpd-sr did not "
+                                           "write: move it, or give another --suffix or --output")
+        elif path in inputs:
             for source in owners:
                 refused.setdefault(source, f"its output {path.name} would overwrite the input "
                                            f"{inputs[path]}: give another --suffix or --output")

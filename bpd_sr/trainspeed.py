@@ -10,16 +10,15 @@ compiled steps against eager ones, and keeps whichever is faster.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .atomic import write_atomic
+from .quiet import quiet_stderr
 
 COMPILE_MODES = ("auto", "on", "off")
 MIN_MINUTES_TO_COMPILE = 3.0  # compiling the step takes about a minute; below this it cannot pay
@@ -105,24 +104,6 @@ class StepFunction:
         return out
 
 
-@contextmanager
-def _quiet_stderr():
-    """The profiler's C++ side prints start/stop lines and, on a machine without a GPU,
-    'gpuGetDeviceCount failed' to file descriptor 2: keep them off the terminal."""
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 class StepProfiler:
     """Profiles ``steps`` training steps after ``skip`` warm-up steps; ``write`` puts the
     summary table (the operators that took the time) into ``path``. Summarising parses
@@ -143,7 +124,7 @@ class StepProfiler:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            with _quiet_stderr():
+            with quiet_stderr():
                 self.prof = torch.profiler.profile(activities=activities)
                 self.prof.__enter__()
             synchronize(self.device)
@@ -157,7 +138,7 @@ class StepProfiler:
             return
         synchronize(self.device)
         self.seconds = time.perf_counter() - self.t0
-        with _quiet_stderr():
+        with quiet_stderr():
             self.prof.__exit__(None, None, None)
         self.done, self.prof = self.prof, None
 
@@ -167,7 +148,7 @@ class StepProfiler:
             return
         n = self.seen - self.skip
         key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        with _quiet_stderr():
+        with quiet_stderr():
             table = self.done.key_averages().table(sort_by=key, row_limit=30)
         self.done = None
         text = (f"{self.header}\nprofiled {n} steps: {self.seconds / max(1, n):.4f} s per step "

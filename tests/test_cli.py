@@ -494,3 +494,146 @@ def test_upscale_k_auto_is_the_default(tmp_path, tiny_ckpt):
     assert res.exit_code == 0, res.output
     bad = run("upscale", face_path, "--checkpoint", tiny_ckpt, "--k", "fast")
     assert bad.exit_code == 2 and "auto" in bad.output
+
+
+@pytest.mark.slow
+def test_compile_compiles_the_k_it_decodes_with_and_keeps_the_terminal_clean(tmp_path, tiny_ckpt):
+    import subprocess
+
+    src = face(tmp_path / "a.png")
+    res = subprocess.run([sys.executable, "-m", "bpd_sr", "upscale", str(src), "--checkpoint",
+                          str(tiny_ckpt), "--compile"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=1200)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "compiled the decoder step (k=4)" in res.stdout
+    assert "blockwise k=4 epsilon=" in res.stdout
+    assert "AUTOTUNE" not in res.stderr and "AUTOTUNE" not in res.stdout
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, tiny_ckpt):
+    """Paths for the table of bad command lines: faces, an empty npz, a text file named npz,
+    a plain file to put paths under, an existing folder, a named pipe."""
+    d = tmp_path_factory.mktemp("bad")
+    rng = np.random.default_rng(0)
+    np.savez(d / "faces.npz", images=rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    np.savez(d / "empty.npz", images=np.zeros((0, 32, 32, 3), dtype=np.uint8))
+    (d / "text.npz").write_text("just text\n")
+    (d / "afile").write_text("x")
+    (d / "folder").mkdir()
+    os.mkfifo(d / "pipe.png")
+    face(d / "face.png")
+    return {"d": d, "ckpt": tiny_ckpt, "npz": d / "faces.npz"}
+
+
+def _bad_command_lines(p):
+    d, ck, npz = p["d"], p["ckpt"], p["npz"]
+    up = ["upscale", d / "face.png", "--checkpoint", ck]
+    ev = ["evaluate", npz, "--checkpoint", ck, "--k", "2", "-q"]
+    bm = ["benchmark", "--data", npz, "--checkpoint", ck, "--no-step-costs", "-q", "--out", d / "bm"]
+    return {
+        "suffix escapes -o": [*up, "--suffix", "/../../ESCAPED", "-o", d / "o1"],
+        "temperature nan": [*up, "--temperature", "nan", "--samples", "2"],
+        "seed overflow": [*up, "--temperature", "0.9", "--seed", "99999999999999999"],
+        "greedy with k": [*up, "--greedy", "--k", "4"],
+        "output under a file": [*up, "-o", d / "afile" / "sub"],
+        "k 0": [*up, "--k", "0"],
+        "k too large": [*up, "--k", "9"],
+        "threads env abc": ([*up, "-o", d / "o2"], {"BPD_SR_THREADS": "abc"}),
+        "threads env negative": ([*up, "-o", d / "o3"], {"BPD_SR_THREADS": "-3"}),
+        "evaluate json is a folder": [*ev, "--json", d / "folder"],
+        "evaluate json under a file": [*ev, "--json", d / "afile" / "x.json"],
+        "evaluate empty npz": ["evaluate", d / "empty.npz", "--checkpoint", ck],
+        "evaluate text npz": ["evaluate", d / "text.npz", "--checkpoint", ck],
+        "evaluate limit 0": [*ev, "--limit", "0"],
+        "evaluate limit -1": [*ev, "--limit", "-1"],
+        "evaluate batch 0": [*ev, "--batch-size", "0"],
+        "evaluate k 0": [*ev, "--k", "0"],
+        "evaluate k 99": [*ev, "--k", "99"],
+        "evaluate epsilon -1": [*ev, "--epsilon", "-1"],
+        "evaluate temperature abc": [*ev, "--temperature", "abc"],
+        "evaluate temperature -1": [*ev, "--temperature", "-1"],
+        "benchmark temperatures abc": [*bm, "--temperatures", "abc"],
+        "benchmark out under a file": [*bm[:-1], d / "afile" / "sub"],
+        "benchmark empty npz": ["benchmark", "--data", d / "empty.npz", "--checkpoint", ck,
+                                "--out", d / "bm2"],
+        "benchmark limit 0": [*bm, "--limit", "0"],
+        "benchmark speed batch 0": [*bm, "--speed", "--batch-sizes", "0"],
+        "benchmark speed empty npz": ["benchmark", "--data", d / "empty.npz", "--speed",
+                                      "--checkpoint", ck, "--out", d / "bm3"],
+        "export into a folder": ["export", ck, d / "folder"],
+        "train resume nothing": ["train", "--data", npz, "--resume", "--out", d / "none"],
+        "train init and preset": ["train", "--data", npz, "--regime", "finetune", "--k", "2",
+                                  "--init", ck, "--preset", "small", "--out", d / "t"],
+    }
+
+
+BAD = ["suffix escapes -o", "temperature nan", "seed overflow", "greedy with k",
+       "output under a file", "k 0", "k too large", "threads env abc", "threads env negative",
+       "evaluate json is a folder", "evaluate json under a file", "evaluate empty npz",
+       "evaluate text npz", "evaluate limit 0", "evaluate limit -1", "evaluate batch 0",
+       "evaluate k 0", "evaluate k 99", "evaluate epsilon -1", "evaluate temperature abc",
+       "evaluate temperature -1", "benchmark temperatures abc", "benchmark out under a file",
+       "benchmark empty npz", "benchmark limit 0", "benchmark speed batch 0",
+       "benchmark speed empty npz", "export into a folder", "train resume nothing",
+       "train init and preset"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_a_bad_command_line_is_one_line_and_no_work(bad_inputs, case):
+    """Every command, a bad option or path: a non-zero exit and a one-line error, never a
+    traceback, and no decoding or training first (each of these ends in well under 10 s)."""
+    import time
+
+    line = _bad_command_lines(bad_inputs)[case]
+    args, env = line if isinstance(line, tuple) else (line, {})
+    t0 = time.monotonic()
+    res = CliRunner().invoke(main, [str(a) for a in args], env=env)
+    assert res.exit_code not in (0, None), res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert "Traceback" not in res.output
+    errors = [x for x in res.output.splitlines() if "rror" in x]
+    assert errors, res.output
+    assert time.monotonic() - t0 < 10
+    assert not (bad_inputs["d"] / "ESCAPED.png").exists()
+
+
+def test_a_named_pipe_is_refused_without_hanging(bad_inputs):
+    d = bad_inputs["d"]
+    res = CliRunner().invoke(main, ["upscale", str(d / "pipe.png"), "--checkpoint",
+                                    str(bad_inputs["ckpt"])])
+    assert res.exit_code != 0 and "not a regular file" in res.output
+
+
+def test_a_users_own_file_is_never_overwritten(tmp_path, tiny_ckpt):
+    src = face(tmp_path / "a.png")
+    (tmp_path / "out").mkdir()
+    mine = tmp_path / "out" / "a_x4.png"
+    Image.new("RGB", (5, 5)).save(mine)  # the user's, untagged
+    before = mine.read_bytes()
+    res = run("upscale", src, "--checkpoint", tiny_ckpt, "-o", tmp_path / "out")
+    assert res.exit_code == 1 and "which bpd-sr did not write" in res.output
+    assert mine.read_bytes() == before
+    mine.unlink()
+    assert run("upscale", src, "--checkpoint", tiny_ckpt, "-o", tmp_path / "out").exit_code == 0
+    # its own output is replaced by a second run
+    assert run("upscale", src, "--checkpoint", tiny_ckpt, "-o", tmp_path / "out").exit_code == 0
+
+
+def test_help_names_every_option():
+    for command in ("upscale", "evaluate", "benchmark", "train", "export"):
+        text = run(command, "--help").output
+        assert "_K_CHOICE" not in text
+        options = [ln for ln in text.splitlines() if ln.strip().startswith("-")]
+        bare = [ln for ln in options if len(ln.split("  ")) < 2 and "--help" not in ln]
+        assert not bare, (command, bare)
+
+
+def test_too_many_threads_warn_and_a_huge_image_is_one_line(tmp_path, tiny_ckpt, monkeypatch):
+    res = run("upscale", tmp_path / "missing.png", "--threads", "1000")
+    assert "warning: 1000 threads on" in res.output
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40x40 is then over the warning level
+    src = face(tmp_path / "big.png", size=(40, 40))
+    res = run("upscale", src, "--checkpoint", tiny_ckpt)
+    assert res.exit_code == 1 and "decompression bomb" in res.output
+    assert "DecompressionBombWarning" not in res.output

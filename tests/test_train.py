@@ -360,3 +360,14 @@ def test_the_training_loop_reads_the_device_only_at_log_points(faces, tmp_path, 
               profile_steps=0), progress=False)
     monkeypatch.undo()
     assert len(reads) <= 2 * 3 + 2, len(reads)  # 2 log points x 3 statistics, and setting up
+
+
+def test_resume_refuses_settings_it_would_ignore(base_ckpt, faces):
+    from click.testing import CliRunner
+
+    from bpd_sr.cli import main
+
+    out = str(base_ckpt.parent)
+    res = CliRunner().invoke(main, ["train", "--data", str(faces), "--resume", "--out", out,
+                                    "--preset", "small", "--batch-size", "4"])
+    assert res.exit_code == 2 and "--preset small (the run has tiny)" in res.output
