@@ -794,6 +794,12 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures
     from .atomic import write_atomic
     from .data import load_faces
 
+    if plots and not (speed or grid):  # before an hour of decoding, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.ClickException("plots.png needs matplotlib, which is not installed: "
+                                       "pip install matplotlib, or use --no-plots") from None
     _writable_folder(out_dir, "--out")
     if grid:
         _grid(checkpoint, data, limit, ks, epsilons, batch_sizes, rule, budget_seconds, device,
@@ -803,12 +809,6 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures
     if speed:
         _speed(model, data, batch_sizes, speed_k, tokens, compile_step, out_dir, quiet)
         return
-    if plots:  # before an hour of decoding, not after it
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise click.ClickException("plots.png needs matplotlib, which is not installed: "
-                                       "pip install matplotlib, or use --no-plots") from None
 
     result: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                                 "torch": torch.__version__, "threads": torch.get_num_threads()},

@@ -287,7 +287,7 @@ def test_unwritable_output_path_is_reported(tmp_path, tiny_ckpt):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a folder")
     res = run("upscale", src, "-o", blocker / "out", "--checkpoint", tiny_ckpt)
-    assert res.exit_code != 0 and "cannot create output folder" in res.output
+    assert res.exit_code != 0 and "cannot write into output folder" in res.output
     assert "Traceback" not in res.output
 
 

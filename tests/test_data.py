@@ -154,7 +154,7 @@ def test_npz_missing_images_array_and_garbage_file(tmp_path):
     with pytest.raises(DataError, match="no 'images' array"):
         NpzFaces(tmp_path / "x.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(DataError, match="not a readable npz"):
+    with pytest.raises(DataError, match="not an npz file"):
         NpzFaces(tmp_path / "junk.npz")
 
 
