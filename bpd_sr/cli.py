@@ -290,8 +290,14 @@ def fit_heads_command(quiet: bool, threads: int | None, **kwargs) -> None:
 @click.option("--lr", type=float, default=2e-3, show_default=True)
 @click.option("--value-loss-weight", type=float, default=0.05, show_default=True,
               help="Weight of a Huber loss on the expected intensity beside the cross-entropy.")
+@click.option("--max-zoom", type=click.FloatRange(1.0, 3.0), default=1.5, show_default=True,
+              help="Augmentation: zoom each face out by up to this factor into a mirrored "
+                   "border (teaches framings looser than the training crop; 1: off).")
+@click.option("--max-shift", type=click.FloatRange(0.0, 8.0), default=2.0, show_default=True,
+              help="Augmentation: shift each face by up to this many pixels (0: off).")
 @click.option("--n-val", type=int, default=256, show_default=True,
-              help="Training faces held out to report PSNR of the net alone.")
+              help="Training faces held out to report PSNR of the net alone; the net that did "
+                   "best on them is the one written.")
 @click.option("--eval-every", type=int, default=500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out.")

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .augment import augment_faces
 from .data import load_faces
 from .model import ConditioningNet
 from .pretrained import load_checkpoint, save_checkpoint, warm_start
@@ -55,7 +56,11 @@ class CondFitConfig:
     warmup_steps: int = 100
     weight_decay: float = 1e-4
     value_loss_weight: float = 0.05
-    n_val: int = 256  # held out from the training data to report PSNR
+    # framing augmentation (bpd_sr.augment): zoom-out up to this factor, shifts up to this
+    # many pixels, flips; 1.0 / 0.0 keep the training crop as it is (flips stay)
+    max_zoom: float = 1.5
+    max_shift: float = 2.0
+    n_val: int = 256  # held out from the training data to report PSNR; the best is kept
     eval_every: int = 500
     ckpt_minutes: float = 3.0
     seed: int = 0
@@ -179,9 +184,7 @@ def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_scale(cfg, step)
         idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
-        hr = train[idx]
-        flip = torch.rand(cfg.batch_size, generator=g) < 0.5
-        hr = torch.where(flip[:, None, None, None], hr.flip(2), hr)
+        hr = augment_faces(train[idx], g, cfg.max_zoom, cfg.max_shift)
         loss, stats = conditioning_loss(net(downsample(hr)), image_to_tokens(hr),
                                         cfg.value_loss_weight)
         opt.zero_grad(set_to_none=True)
@@ -195,6 +198,9 @@ def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path
             entry = {"step": step, **{k: round(v, 4) for k, v in stats.items()}}
             if cfg.n_val:
                 entry.update(conditioning_psnr(net, val))
+                best_psnr = max((e.get("val_psnr", -1.0) for e in log), default=-1.0)
+                if entry["val_psnr"] > best_psnr:  # keep the best on held-out faces
+                    save_checkpoint(out / "best.pt", model, extra={"step": step})
             log.append(entry)
             if progress:
                 tqdm.write(json.dumps(entry))
@@ -202,6 +208,8 @@ def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path
             save(last)
             t_ckpt = time.perf_counter()
     bar.close()
+    if (out / "best.pt").exists():  # the net that did best on the held-out faces
+        model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
     model.eval()
     with open(out / "log.jsonl", "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in log)

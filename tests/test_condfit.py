@@ -128,3 +128,21 @@ def _shifted(cond: torch.Tensor, k: int) -> torch.Tensor:
     (zero past the end)."""
     padded = torch.nn.functional.pad(cond, (0, 0, 0, k))
     return torch.stack([padded[:, i : i + 3072] for i in range(k)], dim=2)
+
+
+def test_fit_cond_writes_the_net_that_did_best_on_held_out_faces(tmp_path, monkeypatch):
+    import bpd_sr.condfit as condfit
+
+    rng = np.random.default_rng(1)
+    faces = tmp_path / "faces.npz"
+    np.savez(faces, images=rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8))
+    init = save_checkpoint(tmp_path / "init.pt", ImageTransformer(ModelConfig.preset("tiny", k=2)))
+    scores = iter([20.0, 25.0, 22.0])  # the held-out PSNR of evaluations 1, 2, 3
+    monkeypatch.setattr(condfit, "conditioning_psnr", lambda net, val: {"val_psnr": next(scores)})
+    path = condfit.run(condfit.CondFitConfig(data=str(faces), init=str(init), out=str(tmp_path / "r"),
+                                             width=8, blocks=1, batch_size=4, n_val=4, steps=3,
+                                             eval_every=1), progress=False)
+    assert load_checkpoint(tmp_path / "r" / "best.pt")["step"] == 2
+    best = load_checkpoint(tmp_path / "r" / "best.pt")["model"]
+    written = load_checkpoint(path)["model"]
+    assert all(torch.equal(best[n], written[n]) for n in best if n.startswith("cond."))

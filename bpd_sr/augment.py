@@ -1,0 +1,66 @@
+"""Framing augmentation for training on faces, with ``torchvision.transforms.v2``.
+
+The training faces are all framed alike (aligned CelebA's tight crop), so a net trained on
+them alone learns that framing and does worse on looser ones. Each face of a batch here is,
+with its own random parameters:
+
+- zoomed out: reflection-padded by half its size on every side, then a square of side
+  ``zoom`` x 32 (zoom uniform in [1, max_zoom]) is cut around the face and resized back to
+  32x32 with antialiasing (the face shrinks, the background around it is mirrored);
+- shifted by up to ``max_shift`` pixels (of the 32) in each direction;
+- flipped horizontally with probability 1/2.
+
+It works on uint8 (B, 32, 32, 3) tensors on any device (a GPU too); zoom 1, shift 0 and no
+flip give the face back unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from .config import HR_SIZE
+
+
+def augment_faces(hr: torch.Tensor, generator: torch.Generator, max_zoom: float = 1.5,
+                  max_shift: float = 2.0, flip: bool = True) -> torch.Tensor:
+    """uint8 (B, 32, 32, 3) -> uint8 (B, 32, 32, 3), each face framed anew (module
+    docstring). The random draws come from ``generator`` (a CPU generator), so a run is
+    reproducible from its seed."""
+    b = hr.shape[0]
+    pad = HR_SIZE // 2
+    zoom = 1 + (max_zoom - 1) * torch.rand(b, generator=generator)
+    shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * max_shift
+    do_flip = (torch.rand(b, generator=generator) < 0.5) & flip
+    x = hr.permute(0, 3, 1, 2)  # (B, 3, 32, 32): torchvision's layout
+    padded = TF.pad(x.float(), [pad] * 4, padding_mode="reflect")  # (B, 3, 64, 64)
+    out = []
+    for i in range(b):
+        side = int(round(HR_SIZE * float(zoom[i])))
+        top = int(round(pad + (HR_SIZE - side) / 2 + float(shift[i, 0])))
+        left = int(round(pad + (HR_SIZE - side) / 2 + float(shift[i, 1])))
+        top = min(max(top, 0), 2 * pad + HR_SIZE - side)
+        left = min(max(left, 0), 2 * pad + HR_SIZE - side)
+        if side == HR_SIZE:  # a shift alone: a plain crop, no resampling
+            face = TF.crop(padded[i], top, left, side, side)
+        else:
+            face = TF.resized_crop(padded[i], top, left, side, side, [HR_SIZE, HR_SIZE],
+                                   antialias=True)
+        if do_flip[i]:
+            face = TF.horizontal_flip(face)
+        out.append(face)
+    y = torch.stack(out).round().clamp(0, 255).to(torch.uint8)
+    return y.permute(0, 2, 3, 1).contiguous()
+
+
+def looser_framing(faces_64: torch.Tensor, pad: int = 16) -> torch.Tensor:
+    """A test set framed looser than training: uint8 (N, 64, 64, 3) faces, each
+    reflection-padded by ``pad`` on every side (64 -> 96) and area-resized to 32x32
+    (the papers' area resize, as ``framing.area_resize``) -> uint8 (N, 32, 32, 3)."""
+    import numpy as np
+
+    from .framing import area_resize
+
+    x = TF.pad(faces_64.permute(0, 3, 1, 2), [pad] * 4, padding_mode="reflect")
+    wide = x.permute(0, 2, 3, 1).numpy()
+    return torch.from_numpy(np.stack([area_resize(f, HR_SIZE) for f in wide]))

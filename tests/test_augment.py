@@ -1,0 +1,46 @@
+"""Framing augmentation (torchvision.transforms.v2) and the looser-framing test set."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bpd_sr.augment import augment_faces, looser_framing
+
+
+def _faces(n=6):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
+
+
+def test_no_zoom_no_shift_no_flip_is_the_identity():
+    hr = _faces()
+    out = augment_faces(hr, torch.Generator().manual_seed(1), max_zoom=1.0, max_shift=0.0,
+                        flip=False)
+    assert torch.equal(out, hr)
+
+
+def test_each_face_gets_its_own_framing_reproducibly():
+    hr = _faces(1).expand(8, -1, -1, -1).contiguous()  # the same face eight times
+    a = augment_faces(hr, torch.Generator().manual_seed(2))
+    b = augment_faces(hr, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and a.dtype == torch.uint8 and a.shape == hr.shape
+    assert len({bytes(x.numpy()) for x in a}) == 8  # eight different framings
+
+
+def test_zoom_out_shrinks_the_face_into_a_mirrored_border():
+    """A bright square in the middle of a dark face covers less of the image zoomed out."""
+    hr = torch.zeros(16, 32, 32, 3, dtype=torch.uint8)
+    hr[:, 8:24, 8:24] = 255
+    out = augment_faces(hr, torch.Generator().manual_seed(3), max_zoom=1.5, max_shift=0.0,
+                        flip=False)
+    # its area shrinks by 1 / zoom^2: 2/3 on average for zoom uniform in [1, 1.5]
+    assert out.float().mean() < 0.8 * hr.float().mean()
+
+
+def test_looser_framing_pads_by_reflection_and_area_resizes():
+    faces = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
+    out = looser_framing(faces)
+    assert out.shape == (2, 32, 32, 3) and out.dtype == torch.uint8
+    flat = torch.full((1, 64, 64, 3), 77, dtype=torch.uint8)
+    assert torch.equal(looser_framing(flat), torch.full((1, 32, 32, 3), 77, dtype=torch.uint8))
