@@ -7,6 +7,7 @@ usage: python docs/framing/loose_test_set.py TEST_64.npz OUT.npz
 """
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,5 +17,5 @@ from bpd_sr.data import write_npz_atomic
 
 src, dst = sys.argv[1], sys.argv[2]
 faces = torch.as_tensor(np.load(src)["images"])
-write_npz_atomic(__import__("pathlib").Path(dst), images=looser_framing(faces).numpy())
+write_npz_atomic(Path(dst), images=looser_framing(faces).numpy())
 print(f"{dst}: {len(faces)} faces, framed looser (64 -> 96 by reflection -> 32)")
