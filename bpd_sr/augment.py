@@ -52,15 +52,3 @@ def augment_faces(hr: torch.Tensor, generator: torch.Generator, max_zoom: float 
     y = torch.stack(out).round().clamp(0, 255).to(torch.uint8)
     return y.permute(0, 2, 3, 1).contiguous()
 
-
-def looser_framing(faces_64: torch.Tensor, pad: int = 16) -> torch.Tensor:
-    """A test set framed looser than training: uint8 (N, 64, 64, 3) faces, each
-    reflection-padded by ``pad`` on every side (64 -> 96) and area-resized to 32x32
-    (the papers' area resize, as ``framing.area_resize``) -> uint8 (N, 32, 32, 3)."""
-    import numpy as np
-
-    from .framing import area_resize
-
-    x = TF.pad(faces_64.permute(0, 3, 1, 2), [pad] * 4, padding_mode="reflect")
-    wide = x.permute(0, 2, 3, 1).numpy()
-    return torch.from_numpy(np.stack([area_resize(f, HR_SIZE) for f in wide]))
