@@ -1,7 +1,7 @@
 """bpd-sr: 8x8 -> 32x32 face super-resolution with an Image Transformer, made fast by
 blockwise parallel decoding (Stern, Shazeer and Uszkoreit, NeurIPS 2018, arXiv 1811.03115)."""
 
-from .config import ModelConfig, TrainConfig
+from .config import DEFAULT_EPSILON, DEFAULT_K, ModelConfig, TrainConfig
 from .decoding import DecodeResult, blockwise_parallel_decode, greedy_decode, sample_decode
 from .model import ImageTransformer
 from .rules import DEFAULT_RULE, RULES, apply_rule
@@ -9,6 +9,8 @@ from .rules import DEFAULT_RULE, RULES, apply_rule
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_EPSILON",
+    "DEFAULT_K",
     "DEFAULT_RULE",
     "DecodeResult",
     "ImageTransformer",

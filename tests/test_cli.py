@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from bpd_sr.cli import main
+from bpd_sr.config import DEFAULT_EPSILON
 from bpd_sr.pretrained import save_checkpoint
 from tests.conftest import tiny_model
 
@@ -85,7 +86,7 @@ def test_the_same_upscale_gives_the_same_image_every_time(tmp_path, tiny_ckpt, m
         res = run("upscale", src, "--checkpoint", tiny_ckpt, "-o", tmp_path / f"out{i}", *extra)
         assert res.exit_code == 0, res.output
         line = next(x for x in res.output.splitlines() if x.startswith(f"{src} -> "))
-        assert "blockwise k=4 epsilon=2, rule mean" in line  # the tiny model's 4 slots
+        assert f"blockwise k=4 epsilon={DEFAULT_EPSILON}, rule mean" in line  # the tiny model's 4 slots
         outputs.append((tmp_path / f"out{i}" / "a_x4.png").read_bytes())
     assert all(o == outputs[0] for o in outputs)
 
@@ -103,7 +104,7 @@ def test_auto_is_opt_in_and_says_what_it_chose(tmp_path, tiny_ckpt, monkeypatch)
     assert res.exit_code == 0, res.output
     assert "--k auto chose k=1 (sequential decoding)" in res.output
     line = next(x for x in res.output.splitlines() if x.startswith(f"{src} -> "))
-    assert "blockwise k=1 epsilon=2" in line and "3072 steps" in line  # --heatmap changes nothing
+    assert f"blockwise k=1 epsilon={DEFAULT_EPSILON}" in line and "3072 steps" in line  # --heatmap changes nothing
 
 
 def test_greedy_refuses_options_it_would_ignore(tmp_path, tiny_ckpt):
