@@ -430,7 +430,9 @@ def _first_input(plans, crop: str):
                    "on-disk cache); the time it took is printed.")
 @click.option("--epsilon", type=click.IntRange(0, 255), default=DEFAULT_EPSILON, show_default=True,
               help="Accept a proposal within this many intensity levels of the base model's "
-                   "choice. 0 = exact: the algorithm reproduces sequential decoding with the "
+                   "choice. The default is the smallest that gave >= 7 tokens per step on "
+                   "held-out faces with quality at least sequential decoding's (README, "
+                   "Results). 0 = exact: the algorithm reproduces sequential decoding with the "
                    "same --rule; in float32 a near-tie can still round the other way (measured: "
                    "README, Exactness).")
 @click.option("--greedy", is_flag=True, help="Plain sequential decoding, one token per step (slow).")
