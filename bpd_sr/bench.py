@@ -26,6 +26,7 @@ from .metrics import quality, upscale_bicubic, upscale_lanczos
 from .model import ImageTransformer
 from .quiet import quiet_stderr
 from .tokens import BOS, downsample, previous_token_inputs
+from .trainspeed import synchronize
 
 # Stern et al. 2018, Table 2 (CelebA dev, mean accepted block size; docs/method.md):
 # the fine-tuned model with epsilon = 2 for every k; with exact acceptance only its peak
@@ -487,22 +488,16 @@ def speed_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["markdown_table", "op_counts", "plot", "sampling_table", "seconds_per_image",
-           "speed_markdown", "speed_report", "step_costs", "step_seconds", "table", "throughput"]
 
 
 def _timed_decode(model, lr: torch.Tensor, k: int, epsilon: int, rule: str) -> tuple[DecodeResult, float]:
     """One whole decode (sequential when k == 1) and its wall-clock seconds, the device
     waited for at both ends."""
     dev = next(model.parameters()).device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    sync()
+    synchronize(dev)
     t0 = time.perf_counter()
-    if k == 1:
-        res = greedy_decode(model, lr, rule=rule)
-    else:
-        res = blockwise_parallel_decode(model, lr, k=k, epsilon=epsilon, rule=rule)
-    sync()
+    res = _decode(model, lr, k, epsilon, rule)
+    synchronize(dev)
     return res, time.perf_counter() - t0
 
 
@@ -560,3 +555,8 @@ def decode_grid(model, hr: torch.Tensor, batch_sizes: Iterable[int], ks: Iterabl
             "budget_seconds": budget_seconds,
             "seconds": time.perf_counter() - t_start, "rows": rows, "skipped": skipped,
             "host_syncs": syncs}
+
+
+__all__ = ["decode_grid", "markdown_table", "op_counts", "plot", "sampling_table",
+           "seconds_per_image", "speed_markdown", "speed_report", "step_costs", "step_seconds",
+           "table", "throughput"]

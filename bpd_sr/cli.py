@@ -664,15 +664,14 @@ def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, see
 
         cond = conditioning_images(model.cond, lr, batch_size).numpy()
         rows.append({"method": "cond net (mean)", **_q(quality(cond, ref), bicubic)})
-    k_list = ks
     configs = []
     for rule in rule_list:
         configs += [(f"sequential ({rule})", 1, 0, 0.0, rule)]
         configs += [(f"k={k} eps={e} ({rule})", k, e, 0.0, rule)
-                    for k in k_list for e in epsilons]
+                    for k in ks for e in epsilons]
     for t in temperatures:
         configs += [(f"sample T={t}", 1, 0, t, None)]
-        configs += [(f"blockwise k={k} T={t}", k, 0, t, None) for k in k_list]
+        configs += [(f"blockwise k={k} T={t}", k, 0, t, None) for k in ks]
     sequential: dict = {}  # rule -> (PSNR, images) of its sequential decode
     for name, k, eps, temp, rule in tqdm(configs, desc="decoding", disable=quiet):
         images, acc, calls, secs = [], [], 0, 0.0
