@@ -282,6 +282,14 @@ def fit_heads_command(quiet: bool, threads: int | None, **kwargs) -> None:
               help="Run folder: last.pt (resumable), log.jsonl, cond.pt.")
 @click.option("--width", type=int, default=96, show_default=True, help="Channels of the net.")
 @click.option("--blocks", type=int, default=6, show_default=True, help="Residual blocks at 8x8.")
+@click.option("--up-width", type=int, default=0, show_default=True,
+              help="Channels of the upsampling path at 16x16 and 32x32 (0: --width); most of "
+                   "the net's arithmetic at full width.")
+@click.option("--objective", type=click.Choice(["ce", "regression"]), default="ce",
+              show_default=True,
+              help="ce: cross-entropy of the 256-level logits; regression (gaussian head): "
+                   "squared error of the mean and Gaussian likelihood of the scale, several "
+                   "times cheaper per face.")
 @click.option("--head", type=click.Choice(["gaussian", "logits"]), default="gaussian",
               show_default=True, help="gaussian: a mean and a scale per colour (smooth, cheap); "
                                       "logits: 256 free logits per colour.")
@@ -315,6 +323,60 @@ def fit_cond_command(resume: bool, quiet: bool, **kwargs) -> None:
     except CondFitError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"checkpoint: {path}")
+
+
+@main.command("fit-mixture")
+@click.option("--data", required=True, help="Faces the model was not trained on (npz, shards, "
+              "image folder or CelebA root); the last --n-faces are used.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="The model to fit (default: the shipped weights).")
+@click.option("--out", "dest", type=click.Path(), required=True,
+              help="Where to write the model with the fitted mixture (bf16).")
+@click.option("--n-faces", type=click.IntRange(1, None), default=128, show_default=True,
+              help="The last N faces of --data fit the mixture.")
+@click.option("--objective", type=click.Choice(["mse", "nll"]), default="mse", show_default=True,
+              help="mse: squared error of the expected intensity (what the mean rule writes); "
+                   "nll: likelihood of the true intensity.")
+@click.option("--rounds", type=click.IntRange(1, 10), default=2, show_default=True,
+              help="Decode, fit on the decode's own states, repeat; the mixture whose decode "
+                   "did best on the faces is kept (the checkpoint's own included).")
+@click.option("--k", type=click.IntRange(1, None), default=DEFAULT_K, show_default=True,
+              help="Proposals of the decodes.")
+@click.option("--epsilon", type=click.IntRange(0, 255), default=DEFAULT_EPSILON,
+              show_default=True, help="Tolerance of the decodes.")
+@click.option("--json", "json_path", type=click.Path(), default=None,
+              help="Also write the log of the rounds here.")
+@threads_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@one_line_errors
+def fit_mixture_command(data, checkpoint, dest, n_faces, objective, rounds, k, epsilon,
+                        json_path, threads, quiet):
+    """Fit how much the decoder and the conditioning net weigh in the model's logits (a
+    decoder temperature and one conditioning weight per colour) on held-out faces, on the
+    states the decode itself meets, and keep the mixture that decodes best."""
+    import torch
+
+    from .data import load_faces
+    from .mixfit import fit_rounds
+    from .pretrained import load_pretrained, save_checkpoint
+
+    _writable_file(dest, "--out")
+    if json_path:
+        _writable_file(json_path, "--json")
+    model = load_pretrained(checkpoint, threads=threads)
+    if k > model.cfg.k:
+        raise click.UsageError(f"--k {k} is more than the model's {model.cfg.k} proposal slots")
+    faces = load_faces(data, progress=not quiet)[-n_faces:]
+    model, log = fit_rounds(model, faces, objective, rounds, k, epsilon, progress=not quiet)
+    save_checkpoint(dest, model, dtype=torch.bfloat16, extra={"about": {"mixture_fit": {
+        "data": str(data), "n_faces": len(faces), "objective": objective, "k": k,
+        "epsilon": epsilon, "log": log}}})
+    if json_path:
+        _write_json(json_path, log)
+    best = max(log, key=lambda e: e["decode_psnr"])
+    click.echo(f"kept round {best['round']}: decoder temperature {best['temperature']}, "
+               f"cond_scale {best['cond_scale']}, decode PSNR {best['decode_psnr']} dB")
+    click.echo(f"wrote {dest}")
 
 
 @main.command("prepare-celeba")
@@ -625,11 +687,14 @@ def _write_json(path: str, obj) -> None:
               show_default=True, help="auto: cuda, then mps, then cpu.")
 @click.option("--json", "json_path", type=click.Path(), default=None,
               help="Also write the results here (checked before decoding).")
+@click.option("--loose", type=click.Path(), default=None,
+              help="A second set of faces framed looser than the training crop (e.g. made "
+                   "by docs/framing/loose_test_set.py): every row is measured on it too.")
 @threads_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
 def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, seed, batch_size,
-                     checkpoint, device, json_path, threads, quiet):
+                     checkpoint, device, json_path, loose, threads, quiet):
     """PSNR / SSIM against the ground truth of bicubic, Lanczos, the conditioning net alone,
     sequential and blockwise decoding, for each decoding rule.
 
@@ -639,99 +704,30 @@ def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, see
     "cond net (mean)" is the model's conditioning network on its own (no decoder): the
     expected intensity of its logits at every position, a regression baseline.
     """
-    import torch
-    from tqdm import tqdm
-
     from .data import load_faces
-    from .decoding import blockwise_parallel_decode, sample_decode
-    from .metrics import quality, upscale_bicubic, upscale_lanczos
-    from .tokens import downsample
+    from .evaluation import format_rows, quality_rows
 
     rule_list = _parse_rules(rules)
     if json_path:
         _writable_file(json_path, "--json")
-    hr = load_faces(data, split="test", limit=limit)
+    sets = [(data, load_faces(data, split="test", limit=limit))]
+    if loose:  # read before hours of decoding, not after
+        sets.append((loose, load_faces(loose, split="test", limit=limit)))
     model = _load_model(checkpoint, pick_device(device), threads)
     if max(ks) > model.cfg.k:
         raise click.UsageError(f"--k {max(ks)}: this model has {model.cfg.k} proposal slots")
-    lr = downsample(hr)
-    ref = hr.numpy()
-    bicubic = quality(upscale_bicubic(lr.numpy()), ref)
-    rows = [{"method": "bicubic", **_q(bicubic, bicubic)},
-            {"method": "lanczos", **_q(quality(upscale_lanczos(lr.numpy()), ref), bicubic)}]
-    if model.cond is not None:
-        from .condfit import conditioning_images
-
-        cond = conditioning_images(model.cond, lr, batch_size).numpy()
-        rows.append({"method": "cond net (mean)", **_q(quality(cond, ref), bicubic)})
-    configs = []
-    for rule in rule_list:
-        configs += [(f"sequential ({rule})", 1, 0, 0.0, rule)]
-        configs += [(f"k={k} eps={e} ({rule})", k, e, 0.0, rule)
-                    for k in ks for e in epsilons]
-    for t in temperatures:
-        configs += [(f"sample T={t}", 1, 0, t, None)]
-        configs += [(f"blockwise k={k} T={t}", k, 0, t, None) for k in ks]
-    sequential: dict = {}  # rule -> (PSNR, images) of its sequential decode
-    for name, k, eps, temp, rule in tqdm(configs, desc="decoding", disable=quiet):
-        images, acc, calls, secs = [], [], 0, 0.0
-        gen = torch.Generator().manual_seed(seed)
-        for s in range(0, len(lr), batch_size):
-            batch = lr[s : s + batch_size]
-            if k == 1:
-                res = sample_decode(model, batch, temp, gen, rule=rule or DEFAULT_RULE)
-                calls += res.model_calls * len(batch)  # one call per token, per image
-            else:
-                extra = {"rule": rule, "refine": refine or None} if temp == 0 else {}
-                res = blockwise_parallel_decode(model, batch, k=k, epsilon=eps, temperature=temp,
-                                                generator=gen, **extra)
-                calls += sum(len(a) + 1 for a in res.accepted)
-            images.append(res.images)
-            acc += res.accepted
-            secs += res.seconds
-        decoded = torch.cat(images)
-        q = quality(decoded.numpy(), ref)
-        total, steps = sum(int(a.sum()) for a in acc), sum(len(a) for a in acc)
-        row = {"method": name, "rule": rule, "k": k, "epsilon": eps, "temperature": temp,
-               "refine": refine if k > 1 and temp == 0 else None, **_q(q, bicubic),
-               "mean_accepted": total / steps, "model_calls_per_image": calls / len(lr),
-               "seconds": secs}
-        if k > 1:  # of the k - 1 proposals tested per step (slot 0 is the base's own token)
-            row["share_of_proposals_rejected"] = 1 - (total - steps) / (steps * (k - 1))
-        if temp == 0 and k == 1:
-            sequential[rule] = (row["psnr"], decoded)
-        elif temp == 0 and rule in sequential:  # how far blockwise moved from sequential
-            seq_psnr, seq_images = sequential[rule]
-            same = decoded == seq_images
-            row["psnr_minus_sequential"] = row["psnr"] - seq_psnr
-            row["identical_images_to_sequential"] = float(same.flatten(1).all(1).float().mean())
-            row["identical_tokens_to_sequential"] = float(same.float().mean())
-        rows.append(row)
-    click.echo(f"{len(lr)} faces from {data}")
-    click.echo(f"{'method':<28}{'PSNR':>8}{'SSIM':>8}{'min PSNR':>9}{'<bicubic':>9}"
-               f"{'block':>8}{'calls/img':>11}{'same img':>9}")
-    for r in rows:
-        extra = (f"{r['mean_accepted']:>8.2f}{r['model_calls_per_image']:>11.0f}"
-                 if "mean_accepted" in r else "")
-        if "identical_images_to_sequential" in r:
-            extra += f"{r['identical_images_to_sequential']:>9.0%}"
-        click.echo(f"{r['method']:<28}{r['psnr']:>8.2f}{r['ssim']:>8.3f}{r['psnr_min']:>9.2f}"
-                   f"{r['share_below_bicubic']:>9.0%}{extra}")
+    results = []
+    for path, hr in sets:
+        rows = quality_rows(model, hr, ks, epsilons, rule_list, refine, temperatures, seed,
+                            batch_size, progress=not quiet)
+        click.echo(f"{len(hr)} faces from {path}")
+        click.echo(format_rows(rows))
+        results.append({"data": path, "n_images": len(hr), "rows": rows})
     if json_path:
-        _write_json(json_path, {"data": data, "n_images": len(lr), "rules": rule_list,
-                                "checkpoint": checkpoint or "shipped default", "rows": rows})
-
-
-def _q(q: dict, bicubic: dict) -> dict:
-    """Mean PSNR / SSIM, and collapse measured directly: the per-image PSNR, its minimum and
-    median, and the share of faces below bicubic upscaling of the same input."""
-    import numpy as np
-
-    per = q["psnr_per_image"]
-    return {"psnr": float(q["psnr"]), "ssim": float(q["ssim"]),
-            "psnr_min": float(per.min()), "psnr_median": float(np.median(per)),
-            "share_below_bicubic": float((per < bicubic["psnr_per_image"]).mean()),
-            "psnr_per_image": [round(float(x), 3) for x in per]}
+        first = results[0]
+        _write_json(json_path, {**first, "rules": rule_list,
+                                "checkpoint": checkpoint or "shipped default",
+                                "looser_framing": results[1] if loose else None})
 
 
 @main.command("benchmark")

@@ -69,10 +69,14 @@ class ModelConfig:
     identity_first_slot: bool = True  # slot 0 is the base model itself: heads leave it unchanged
     cond_channels: int = 64  # width of the conditioning conv net (Dahl et al. 2017); 0 = none
     cond_blocks: int = 2  # its residual blocks at 8x8 (bpd-sr fit-cond trains a deeper one)
+    # channels of its upsampling path at 16x16 and 32x32; 0 = cond_channels. The path is
+    # most of the net's arithmetic at full width, while the detail is decided at 8x8
+    cond_up_channels: int = 0
     cond_head: str = "logits"  # "logits" (256 per colour) or "gaussian" (mu, sigma per colour)
-    # weight of the conditioning logits in the sum with the decoder's (1: as trained); a
-    # decoding setting saved with the checkpoint, measured per checkpoint (README, "Levers")
-    cond_scale: float = 1.0
+    # weight of the conditioning logits in the sum with the decoder's (1: as trained): one
+    # number, or one per colour (R, G, B) as ``bpd-sr fit-mixture`` fits them on held-out
+    # faces; a decoding setting saved with the checkpoint
+    cond_scale: float | tuple[float, float, float] = 1.0
     lr_input_embedding: bool = True  # embed the low-res intensity each target comes from
 
     def __post_init__(self) -> None:
@@ -80,10 +84,20 @@ class ModelConfig:
             raise ValueError("d_model must be divisible by n_head")
         if self.k < 1:
             raise ValueError("k must be at least 1")
-        if not self.cond_scale > 0:
+        if isinstance(self.cond_scale, (list, tuple)):  # a checkpoint's JSON gives a list
+            object.__setattr__(self, "cond_scale", tuple(float(s) for s in self.cond_scale))
+            if len(self.cond_scale) != CHANNELS:
+                raise ValueError(f"cond_scale must be one number or {CHANNELS}, one per colour")
+        if not all(s > 0 for s in self.cond_scales):
             raise ValueError("cond_scale must be positive")
         if self.attn_block < 1 or N_HR_TOKENS % self.attn_block:
             raise ValueError(f"attn_block must divide {N_HR_TOKENS}")
+
+    @property
+    def cond_scales(self) -> tuple[float, float, float]:
+        """cond_scale per colour (R, G, B)."""
+        s = self.cond_scale
+        return tuple(s) if isinstance(s, tuple) else (float(s),) * CHANNELS
 
     @staticmethod
     def preset(name: str, **overrides: Any) -> ModelConfig:

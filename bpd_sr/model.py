@@ -104,9 +104,11 @@ class ConditioningNet(nn.Module):
       cheaper to train on a CPU (``bpd_sr.condfit``).
     """
 
-    def __init__(self, width: int, n_blocks: int = 2, head: str = "logits") -> None:
+    def __init__(self, width: int, n_blocks: int = 2, head: str = "logits",
+                 up_width: int = 0) -> None:
         super().__init__()
         c = width
+        u = up_width or width  # channels of the upsampling path (16x16 and 32x32)
         self.stem = nn.Conv2d(CHANNELS, c, 3, padding=1)
         self.res = nn.ModuleList(
             nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
@@ -114,14 +116,14 @@ class ConditioningNet(nn.Module):
             for _ in range(n_blocks)
         )
         self.up = nn.Sequential(
-            nn.Conv2d(c, 4 * c, 3, padding=1), nn.PixelShuffle(2), nn.ReLU(),
-            nn.Conv2d(c, 4 * c, 3, padding=1), nn.PixelShuffle(2), nn.ReLU(),
-            nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c, 4 * u, 3, padding=1), nn.PixelShuffle(2), nn.ReLU(),
+            nn.Conv2d(u, 4 * u, 3, padding=1), nn.PixelShuffle(2), nn.ReLU(),
+            nn.Conv2d(u, u, 3, padding=1), nn.ReLU(),
         )
         if head not in ("logits", "gaussian"):
             raise ValueError(f"unknown conditioning head {head!r}")
         self.head = head
-        self.out = nn.Conv2d(c, CHANNELS * (N_INTENSITIES if head == "logits" else 2), 1)
+        self.out = nn.Conv2d(u, CHANNELS * (N_INTENSITIES if head == "logits" else 2), 1)
         if head == "gaussian":  # start at mu = the input pixel, sigma = 8 levels
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
@@ -141,34 +143,55 @@ class ConditioningNet(nn.Module):
         with torch.autocast(lr.device.type, enabled=False):
             return self._logits(lr, n_positions)
 
-    def _logits(self, lr: torch.Tensor, n_positions: int) -> torch.Tensor:
+    def _features(self, lr: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """lr uint8 (B, 8, 8, 3) -> (x (B, 3, 8, 8) input intensities, y (B, 768 or 6, rows,
+        32) the output layer on the first rows of the image)."""
         x = lr.permute(0, 3, 1, 2).to(self.stem.weight.dtype)  # (B, 3, 8, 8)
         y = self.stem(x / 127.5 - 1.0)
         for block in self.res:
             y = y + block(y)
+        return x, self.out(self.up(y)[:, :, :rows])
+
+    def _logits(self, lr: torch.Tensor, n_positions: int) -> torch.Tensor:
         rows = -(-n_positions // (HR_SIZE * CHANNELS))  # image rows holding those targets
-        y = self.out(self.up(y)[:, :, :rows])  # (B, 768 or 6, rows, 32)
+        x, y = self._features(lr, rows)
         b = y.shape[0]
         if self.head == "gaussian":
-            return self._gaussian_logits(x, y)[:, :n_positions]
+            return self._gaussian_logits(*self._gaussian(x, y))[:, :n_positions]
         # the channel axis holds (colour, intensity); put it in raster order (row, col, colour)
         y = y.view(b, CHANNELS, N_INTENSITIES, rows, HR_SIZE).permute(0, 3, 4, 1, 2)
         return y.reshape(b, rows * HR_SIZE * CHANNELS, N_INTENSITIES)[:, :n_positions]
 
+    def gaussian_parameters(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gaussian head's mean and scale in intensity levels, without the 256-level
+        table: lr uint8 (B, 8, 8, 3) -> (mu, sigma), each (B, 3, 32, 32). Cheap to train by
+        regression (``bpd_sr.condfit``, objective "regression")."""
+        if self.head != "gaussian":
+            raise ValueError("gaussian_parameters needs the gaussian head")
+        with torch.autocast(lr.device.type, enabled=False):
+            return self._gaussian(*self._features(lr, HR_SIZE))
+
     @staticmethod
-    def _gaussian_logits(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _gaussian(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, 3, 8, 8) input intensities; y: (B, 6, rows, 32) raw (mu, log sigma) per
-        colour for the first rows of the image -> logits (B, rows * 96, 256) in raster order."""
-        b, rows = y.shape[0], y.shape[2]
+        colour -> (mu, sigma), each (B, 3, rows, 32): mu a residual over the input pixel it
+        lies under, sigma in 0.5 .. 160 levels."""
+        rows = y.shape[2]
         under = x.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)[:, :, :rows]
         mu = under + 32.0 * y[:, :CHANNELS]
-        sigma = 8.0 * torch.exp(y[:, CHANNELS:].clamp(-2.8, 3.0))  # 0.5 .. 160 levels
+        sigma = 8.0 * torch.exp(y[:, CHANNELS:].clamp(-2.8, 3.0))
+        return mu, sigma
+
+    @staticmethod
+    def _gaussian_logits(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """mu, sigma (B, 3, rows, 32) -> logits (B, rows * 96, 256) in raster order."""
+        b, rows = mu.shape[0], mu.shape[2]
         n = rows * HR_SIZE * CHANNELS
         mu = mu.permute(0, 2, 3, 1).reshape(b, n, 1)
         a = sigma.permute(0, 2, 3, 1).reshape(b, n, 1).pow(-2)  # 1 / sigma^2
         # -(i - mu)^2 a / 2 = [mu a, -a/2, -mu^2 a/2] . [i, i^2, 1]: one small matmul instead
         # of five passes over (B, 3072, 256); sigma >= 0.5 keeps float32 cancellation < 0.02
-        levels = torch.arange(N_INTENSITIES, device=y.device, dtype=y.dtype)
+        levels = torch.arange(N_INTENSITIES, device=mu.device, dtype=mu.dtype)
         basis = torch.stack([levels, levels * levels, torch.ones_like(levels)])  # (3, 256)
         coef = torch.cat([mu * a, -0.5 * a, -0.5 * mu * mu * a], dim=-1)  # (B, n, 3)
         return coef @ basis
@@ -392,7 +415,8 @@ class ImageTransformer(nn.Module):
         self.dec_ln = nn.LayerNorm(d)
         self.heads = ProposalHeads(cfg)
         self.out_proj = nn.Linear(d, N_INTENSITIES)  # shared by every slot
-        self.cond = (ConditioningNet(cfg.cond_channels, cfg.cond_blocks, cfg.cond_head)
+        self.cond = (ConditioningNet(cfg.cond_channels, cfg.cond_blocks, cfg.cond_head,
+                                     cfg.cond_up_channels)
                      if cfg.cond_channels > 0 else None)
         row, col, chan, lr_index = hr_position_tables()
         self.register_buffer("pos_row", row, persistent=False)
@@ -425,7 +449,8 @@ class ImageTransformer(nn.Module):
         cross_kv = [layer.cross_attn.memory_kv(memory) for layer in self.dec_layers]
         # the decoder's logits are added to cond_scale times the conditioning logits: a
         # product of experts whose balance is a decoding setting of the checkpoint
-        cond = (self.conditioning_logits(lr, n_positions) * self.cfg.cond_scale).to(memory.dtype)
+        cond = self.conditioning_logits(lr, n_positions)
+        cond = (cond * self.cond_scale_of_positions(cond.shape[1], cond)).to(memory.dtype)
         n = n_positions
         dec_pos = (self.row_emb(self.pos_row[:n]) + self.col_emb(self.pos_col[:n])
                    + self.chan_emb(self.pos_chan[:n])).expand(b, -1, -1)  # (B, n, d)
@@ -527,7 +552,13 @@ class ImageTransformer(nn.Module):
         cond_slots = ctx.cond_logits.unfold(1, k, 1)[:, :t].transpose(-1, -2)  # (B, T, k, 256)
         logits = self.slot_outputs(h, k) + cond_slots
         cond = ctx.cond_logits[:, :t]  # the auxiliary loss sees the net's own logits
-        return logits, cond / self.cfg.cond_scale
+        return logits, cond / self.cond_scale_of_positions(t, cond)
+
+    def cond_scale_of_positions(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """The weight of the conditioning logits at positions 0..n-1 (each has its colour,
+        the position modulo 3): (n, 1), in like's dtype and device."""
+        per_colour = like.new_tensor(self.cfg.cond_scales)
+        return per_colour[torch.arange(n, device=like.device) % CHANNELS].unsqueeze(-1)
 
     def new_cache(
         self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,

@@ -362,6 +362,25 @@ def test_evaluate_writes_json(tmp_path, tiny_ckpt):
     assert res.exit_code != 0 and "unknown decoding rule 'mode'" in res.output
 
 
+def test_evaluate_measures_every_row_on_the_looser_framing_too(tmp_path, tiny_ckpt):
+    rng = np.random.default_rng(0)
+    npz, loose = tmp_path / "faces.npz", tmp_path / "loose.npz"
+    np.savez(npz, images=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+    np.savez(loose, images=rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    res = run("evaluate", npz, "--k", "2", "--epsilon", "0", "--loose", loose,
+              "--checkpoint", tiny_ckpt, "--json", tmp_path / "e.json", "-q")
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "e.json").read_text())
+    assert out["n_images"] == 2 and out["looser_framing"]["n_images"] == 3
+    assert ([r["method"] for r in out["rows"]]
+            == [r["method"] for r in out["looser_framing"]["rows"]])
+    assert "cond net (mean)" in [r["method"] for r in out["looser_framing"]["rows"]]
+    assert f"3 faces from {loose}" in res.output
+    # a missing second set is refused before any decoding
+    res = run("evaluate", npz, "--loose", tmp_path / "nope.npz", "--checkpoint", tiny_ckpt, "-q")
+    assert res.exit_code != 0 and "decoding" not in res.output
+
+
 def test_benchmark_writes_json_table_and_plot(tmp_path, tiny_ckpt):
     rng = np.random.default_rng(0)
     npz = tmp_path / "faces.npz"

@@ -146,3 +146,54 @@ def test_fit_cond_writes_the_net_that_did_best_on_held_out_faces(tmp_path, monke
     best = load_checkpoint(tmp_path / "r" / "best.pt")["model"]
     written = load_checkpoint(path)["model"]
     assert all(torch.equal(best[n], written[n]) for n in best if n.startswith("cond."))
+
+
+def test_gaussian_parameters_are_the_ones_its_logits_are_made_of():
+    torch.manual_seed(0)
+    net = ConditioningNet(8, 1, head="gaussian", up_width=4).double()
+    with torch.no_grad():
+        net.out.weight.normal_(0, 0.05)
+    lr = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    mu, sigma = net.gaussian_parameters(lr)  # (2, 3, 32, 32) each
+    assert mu.shape == sigma.shape == (2, 3, 32, 32)
+    assert net.up[0].out_channels == 16 and net.out.in_channels == 4  # the narrower path
+    mu_r, sigma_r = (t.permute(0, 2, 3, 1).reshape(2, 3072, 1) for t in (mu, sigma))
+    ref = -0.5 * ((torch.arange(256.0, dtype=torch.float64) - mu_r) / sigma_r) ** 2
+    assert torch.allclose(net(lr), ref, atol=1e-6)
+    with pytest.raises(ValueError, match="gaussian"):
+        ConditioningNet(8, 1, head="logits").gaussian_parameters(lr)
+
+
+def test_regression_loss_fits_mu_by_squared_error_and_sigma_by_likelihood():
+    from bpd_sr.condfit import regression_loss
+
+    hr = torch.full((1, 32, 32, 3), 100, dtype=torch.uint8)
+    mu = torch.full((1, 3, 32, 32), 104.0, requires_grad=True)
+    log_sigma = torch.full((1, 3, 32, 32), 0.0, requires_grad=True)
+    loss, stats = regression_loss(mu, log_sigma.exp(), hr)
+    loss.backward()
+    # d/dmu of ((mu - t) / 32)^2 only: the likelihood term does not move mu
+    assert torch.allclose(mu.grad, torch.full_like(mu, 2 * 4 / 32**2 / mu.numel()))
+    # sigma = 1 with an error of 4 levels: the likelihood wants sigma larger
+    assert (log_sigma.grad < 0).all()
+    assert stats["mse"] == pytest.approx((4 / 32) ** 2)
+
+
+def test_fit_cond_regression_objective_with_a_narrow_upsampling_path(tmp_path):
+    rng = np.random.default_rng(0)
+    faces = tmp_path / "faces.npz"
+    np.savez(faces, images=rng.integers(30, 220, (10, 32, 32, 3), dtype=np.uint8))
+    init = save_checkpoint(tmp_path / "init.pt", ImageTransformer(ModelConfig.preset("tiny", k=2)))
+    args = ["fit-cond", "--data", faces, "--init", init, "--width", "8", "--blocks", "1",
+            "--batch-size", "4", "--n-val", "2", "--eval-every", "2", "--steps", "2", "--quiet"]
+    res = CliRunner().invoke(main, [str(a) for a in args + ["--out", tmp_path / "r",
+                                                            "--objective", "regression",
+                                                            "--up-width", "4"]])
+    assert res.exit_code == 0, res.output
+    model = load_pretrained(tmp_path / "r" / "cond.pt")
+    assert model.cfg.cond_up_channels == 4 and model.cond.out.in_channels == 4
+    assert {"mse", "nll", "val_psnr"} <= set(load_checkpoint(tmp_path / "r" / "cond.pt")
+                                             ["about"]["log"][0])
+    res = CliRunner().invoke(main, [str(a) for a in args + ["--out", tmp_path / "s", "--head",
+                                                            "logits", "--objective", "regression"]])
+    assert res.exit_code != 0 and "needs the gaussian head" in res.output

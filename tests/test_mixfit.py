@@ -1,0 +1,101 @@
+"""The fitted product of experts (bpd_sr.mixfit): per-colour conditioning weights, the decoder
+temperature folded into the output layer, the fit, and the command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import random_lr, tiny_model
+
+from bpd_sr.cli import main
+from bpd_sr.config import ModelConfig
+from bpd_sr.mixfit import ExpertLogits, apply_mixture, expert_logits, fit_mixture
+from bpd_sr.pretrained import load_checkpoint, load_pretrained, save_checkpoint
+from bpd_sr.tokens import downsample, image_to_tokens, shift_right
+
+
+def test_cond_scale_is_one_number_or_one_per_colour():
+    assert ModelConfig.preset("tiny", cond_scale=2.0).cond_scales == (2.0, 2.0, 2.0)
+    cfg = ModelConfig.preset("tiny", cond_scale=[1, 2, 3])  # as a checkpoint's JSON gives it
+    assert cfg.cond_scale == (1.0, 2.0, 3.0)
+    assert ModelConfig.from_dict(cfg.to_dict()).cond_scales == (1.0, 2.0, 3.0)
+    with pytest.raises(ValueError, match="one per colour"):
+        ModelConfig.preset("tiny", cond_scale=(1.0, 2.0))
+    with pytest.raises(ValueError, match="positive"):
+        ModelConfig.preset("tiny", cond_scale=(1.0, 0.0, 2.0))
+
+
+def test_each_target_gets_the_conditioning_weight_of_its_colour():
+    model = tiny_model(k=3)
+    lr = random_lr(2)
+    raw = model.conditioning_logits(lr)  # (2, 3072 + 3, 256), unweighted
+    apply_mixture(model, 1.0, (0.5, 2.0, 3.0))
+    table = model.encode(lr).cond_logits
+    for p, s in [(0, 0.5), (1, 2.0), (2, 3.0), (3, 0.5), (3070, 2.0), (3071, 3.0), (3073, 2.0)]:
+        assert torch.allclose(table[:, p], s * raw[:, p]), p
+    # the training forward still returns the net's own (unweighted) logits
+    hr = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    _, cond = model(downsample(hr), image_to_tokens(hr))
+    assert torch.allclose(cond, model.conditioning_logits(downsample(hr))[:, :3072])
+
+
+def test_the_mixture_gives_temperature_times_decoder_plus_weighted_conditioning():
+    model = tiny_model(k=3)
+    hr = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    lr, tok = downsample(hr), image_to_tokens(hr)
+    data = expert_logits(model, hr)
+    apply_mixture(model, 0.25, (1.0, 3.0, 0.5))
+    logits, _ = model(lr, tok)  # (2, 3072, 3, 256): slot 0 is the base model
+    colour = torch.arange(3072) % 3
+    scale = torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)[colour].unsqueeze(-1)
+    expected = 0.25 * data.decoder + scale * data.conditioning
+    assert torch.allclose(logits[:, :, 0].double(), expected.double(), atol=1e-5)  # stored in float32
+    # and the teacher-forced prefix is the true one unless another is given
+    other = expert_logits(model, hr, prefix=torch.zeros_like(tok))
+    assert not torch.allclose(other.decoder, expert_logits(model, hr).decoder)
+    assert torch.equal(shift_right(tok)[:, 1], tok[:, 0])
+
+
+@pytest.mark.parametrize("objective", ["nll", "mse"])
+def test_the_fit_recovers_the_weights_that_made_the_targets(objective):
+    g = torch.Generator().manual_seed(0)
+    n, t = 6, 3072
+    dec = torch.randn(n, t, 256, generator=g) * 2
+    cond = torch.randn(n, t, 256, generator=g) * 2
+    true_t, true_s = 0.5, torch.tensor([2.0, 1.0, 3.0])
+    colour = torch.arange(t) % 3
+    logits = true_t * dec + true_s[colour].unsqueeze(-1) * cond
+    targets = torch.multinomial(torch.softmax(logits, -1).flatten(0, 1), 1, generator=g)
+    data = ExpertLogits(dec, cond, targets.view(n, t))
+    fitted_t, fitted_s = fit_mixture(data, objective, 1.0, (1.0, 1.0, 1.0))
+    tol = 0.1 if objective == "nll" else 0.35
+    assert abs(fitted_t - true_t) < tol * 2
+    assert np.allclose(fitted_s, true_s.numpy(), rtol=tol)
+
+
+def test_fit_mixture_writes_a_model_that_loads_with_its_mixture(tmp_path):
+    model = tiny_model(k=3, dtype=torch.float32)
+    ckpt = save_checkpoint(tmp_path / "m.pt", model)
+    faces = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "faces.npz", images=faces)
+    out, log = tmp_path / "mixed.pt", tmp_path / "log.json"
+    r = CliRunner().invoke(main, ["fit-mixture", "--data", str(tmp_path / "faces.npz"),
+                                  "--checkpoint", str(ckpt), "--out", str(out), "--n-faces", "4",
+                                  "--rounds", "1", "--k", "3", "--epsilon", "2", "--json",
+                                  str(log), "-q"])
+    assert r.exit_code == 0, r.output
+    rounds = json.loads(log.read_text())
+    assert [e["round"] for e in rounds] == [0, 1]
+    assert "fitted" in rounds[0]
+    best = max(rounds, key=lambda e: e["decode_psnr"])
+    loaded = load_pretrained(out)
+    assert loaded.cfg.cond_scales == pytest.approx(tuple(best["cond_scale"]))
+    assert load_checkpoint(out)["about"]["mixture_fit"]["n_faces"] == 4
+    # a k the model does not have is refused before any work
+    r = CliRunner().invoke(main, ["fit-mixture", "--data", str(tmp_path / "faces.npz"),
+                                  "--checkpoint", str(ckpt), "--out", str(out), "--k", "9"])
+    assert r.exit_code != 0 and "proposal slots" in r.output
