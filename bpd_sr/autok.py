@@ -44,14 +44,12 @@ MARGIN = 1.1  # blockwise must promise 10% more tokens per second than sequentia
 @dataclass
 class AutoK:
     """The choice and what it rests on. k: 1 = sequential. seconds_per_step and
-    tokens_per_step per candidate k (str keys, as in JSON); tokens_per_second = their ratio
-    times the batch size."""
+    tokens_per_step per candidate k (str keys, as in JSON)."""
 
     k: int
     batch: int
     seconds_per_step: dict[str, float]
     tokens_per_step: dict[str, float]
-    tokens_per_second: dict[str, float]
     calibration_seconds: float
 
 
@@ -162,7 +160,7 @@ def _valid(entry, key_candidates: list[int]) -> AutoK | None:
         choice = AutoK(**entry)
     except TypeError:
         return None
-    tables = (choice.seconds_per_step, choice.tokens_per_step, choice.tokens_per_second)
+    tables = (choice.seconds_per_step, choice.tokens_per_step)
     ok = (type(choice.k) is int and choice.k in key_candidates
           and type(choice.batch) is int and choice.batch >= 1
           and isinstance(choice.calibration_seconds, (int, float))
@@ -228,7 +226,6 @@ def choose_k(model, lr: torch.Tensor, candidates=CANDIDATES, **rule) -> AutoK:
             k=pick(secs, toks), batch=batch,
             seconds_per_step={str(k): v for k, v in secs.items()},
             tokens_per_step={str(k): v for k, v in toks.items()},
-            tokens_per_second={str(k): batch * toks[k] / secs[k] for k in ks},
             calibration_seconds=time.perf_counter() - t0,
         )
         _save(key, choice)

@@ -154,7 +154,8 @@ class TrainConfig:
     random_head: bool = False  # the paper's option: one random proposal head per batch
     # what the proposal heads learn: "data" (the ground truth, as in the paper) or "base"
     # (the base model's own argmax at each position given the true prefix: teacher-forced
-    # distillation, one forward pass, no decoding; it targets exactly what verification checks)
+    # distillation, one forward pass, no decoding; verification checks the decoding rule's
+    # choice, which is the argmax only under the argmax rule)
     head_targets: str = "data"
     flip: bool = True
     val_fraction: float = 0.02

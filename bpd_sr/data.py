@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +74,8 @@ def _npz_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """One npz file -> (images uint8 (N, 32, 32, 3), source (N,) or None, celeba_id (N,) or None)."""
+def _load_npz(path: Path) -> np.ndarray:
+    """One npz file -> its images uint8 (N, 32, 32, 3) (other arrays in it are not read)."""
     if path.is_file() and not zipfile.is_zipfile(path):  # np.load would blame pickled data
         raise DataError(f"{path}: not an npz file (an npz is a zip archive of arrays)")
     try:
@@ -86,8 +85,6 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | N
                     f"{path}: no 'images' array (it has: {', '.join(z.files) or 'none'})"
                 )
             images = z["images"]
-            source = z["source"] if "source" in z.files else None
-            celeba_id = z["celeba_id"] if "celeba_id" in z.files else None
     except DataError:
         raise
     except FileNotFoundError as e:
@@ -100,11 +97,7 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | N
             f"{path}: 'images' must be uint8 (N, {HR_SIZE}, {HR_SIZE}, {CHANNELS}), "
             f"got {images.dtype} {tuple(images.shape)}"
         )
-    n = len(images)
-    for name, arr in (("source", source), ("celeba_id", celeba_id)):
-        if arr is not None and arr.shape != (n,):
-            raise DataError(f"{path}: '{name}' has shape {tuple(arr.shape)}, expected ({n},)")
-    return images, source, celeba_id
+    return images
 
 
 class NpzFaces(Dataset):
@@ -112,44 +105,17 @@ class NpzFaces(Dataset):
 
     path: an ``.npz`` file with ``images`` uint8 (N, 32, 32, 3), or a folder whose ``*.npz``
     shards (sorted by name) are concatenated. The arrays are read once into memory.
-    exclude_source: drop rows whose ``source`` equals this (files without ``source`` keep every
-    row); the shared train set's ``"celeba_facecrop"`` rows are framed differently.
-    indices: keep only these rows (positions after the source filter), in this order.
 
-    Attributes: ``images`` uint8 tensor (n, 32, 32, 3); ``celeba_id`` long tensor (n,) or None
-    when some file lacks it.
+    Attribute: ``images`` uint8 tensor (n, 32, 32, 3).
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        indices: Sequence[int] | np.ndarray | torch.Tensor | None = None,
-        exclude_source: str | None = None,
-    ):
+    def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.exists():
             raise DataError(f"{self.path}: no such file or folder")
-        chunks, ids = [], []
-        for f in _npz_files(self.path):
-            images, source, celeba_id = _load_npz(f)
-            if exclude_source is not None and source is not None:
-                keep = source != exclude_source
-                images = images[keep]
-                celeba_id = celeba_id[keep] if celeba_id is not None else None
-            chunks.append(images)
-            ids.append(celeba_id)
+        chunks = [_load_npz(f) for f in _npz_files(self.path)]
         images = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-        celeba_id = None
-        if all(i is not None for i in ids):
-            celeba_id = np.concatenate(ids).astype(np.int64)
-        if indices is not None:
-            idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-            if idx.size and (idx.min() < -len(images) or idx.max() >= len(images)):
-                raise DataError(f"{self.path}: indices out of range for {len(images)} images")
-            images = images[idx]
-            celeba_id = celeba_id[idx] if celeba_id is not None else None
         self.images = torch.from_numpy(np.ascontiguousarray(images))  # (n, 32, 32, 3) uint8
-        self.celeba_id = torch.from_numpy(celeba_id) if celeba_id is not None else None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -290,13 +256,10 @@ class CelebAFaces(Dataset):
 # --------------------------------------------------------------------------- dispatch
 
 
-def open_faces(
-    path: str | os.PathLike, split: str = "train", exclude_source: str | None = None
-) -> Dataset:
+def open_faces(path: str | os.PathLike, split: str = "train") -> Dataset:
     """A face dataset (items uint8 (32, 32, 3)) chosen by what ``path`` is:
 
-    - an ``.npz`` file, or a folder with ``*.npz`` in it -> ``NpzFaces`` (``exclude_source``
-      applies);
+    - an ``.npz`` file, or a folder with ``*.npz`` in it -> ``NpzFaces``;
     - a folder named ``img_align_celeba``, or holding one directly or under ``celeba/`` ->
       ``CelebAFaces(path, split)``;
     - any other folder with image files (searched recursively) -> ``FolderFaces``.
@@ -308,12 +271,12 @@ def open_faces(
         raise DataError(f"{p}: no such file or folder")
     if p.is_file():
         if p.suffix.lower() == ".npz":
-            return NpzFaces(p, exclude_source=exclude_source)
+            return NpzFaces(p)
         raise DataError(f"{p}: not a dataset; give an .npz file or a folder of images")
     if _find_celeba(p) is not None:
         return CelebAFaces(p, split)
     if any(q.is_file() for q in p.glob("*.npz")):
-        return NpzFaces(p, exclude_source=exclude_source)
+        return NpzFaces(p)
     if list_images(p, recursive=True):
         return FolderFaces(p, recursive=True)
     raise DataError(f"{p}: no .npz files, CelebA img_align_celeba folder or images found")

@@ -157,12 +157,10 @@ def load_pretrained(
     return model_from_checkpoint(checkpoint or default_weights_path(), device)
 
 
-def export_weights(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16,
-                   note: dict[str, Any] | None = None) -> Path:
+def export_weights(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """A small inference-only copy of a training checkpoint: config and weights (in ``dtype``),
-    no optimizer. ``note`` (e.g. what it was trained on) is stored under ``"about"``."""
+    no optimizer; what it was trained on is kept under ``"about"``."""
     ckpt = load_checkpoint(src)
     model = model_from_checkpoint(src)
     about = {k: ckpt[k] for k in ("train_config", "step", "train_seconds", "log") if k in ckpt}
-    about.update(note or {})
     return save_checkpoint(dst, model, extra={"about": about}, dtype=dtype)

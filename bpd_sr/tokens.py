@@ -39,15 +39,13 @@ def downsample(hr: torch.Tensor) -> torch.Tensor:
     return ((total + n // 2) // n).to(torch.uint8)
 
 
-def channel_offset(tokens: torch.Tensor, first_position: int | torch.Tensor = 0) -> torch.Tensor:
+def channel_offset(tokens: torch.Tensor) -> torch.Tensor:
     """Give each intensity its channel's own embedding row: c*256 + v.
 
-    tokens: long (..., T) of intensities at positions first_position + arange(T).
+    tokens: long (..., T) of intensities at positions 0..T-1 (raster order, so position p
+    is of channel p % 3).
     """
-    if isinstance(first_position, int):
-        pos = first_position + torch.arange(tokens.shape[-1], device=tokens.device)
-    else:
-        pos = first_position
+    pos = torch.arange(tokens.shape[-1], device=tokens.device)
     return tokens + (pos % CHANNELS) * N_INTENSITIES
 
 

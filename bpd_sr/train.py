@@ -4,8 +4,8 @@ Regimes (``TrainConfig.regime``):
 - ``base``: the plain Image Transformer (k = 1), from scratch.
 - ``regular``: the base model frozen, only the proposal heads trained.
 - ``finetune``: base and heads trained jointly, warm-started from a base checkpoint.
-- ``distill``: like ``finetune`` (or ``regular`` with ``--freeze-base``), but the targets are
-  the base model's own greedy decodes of the training inputs (sequence-level distillation,
+- ``distill``: like ``finetune``, but the targets are the base model's own sequential
+  decodes of the training inputs (sequence-level distillation,
   Kim and Rush 2016; the paper's section 6 used it for translation). Decodes are made once
   and cached on disk.
 

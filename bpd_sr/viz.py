@@ -117,11 +117,9 @@ def _as_rgb(img: ArrayLike) -> np.ndarray:
     return arr
 
 
-def labelled_panels(panels: list[tuple[str, ArrayLike]], size: int = 128,
-                    caption: str = "") -> np.ndarray:
+def labelled_panels(panels: list[tuple[str, ArrayLike]], size: int = 128) -> np.ndarray:
     """Images side by side, each enlarged (nearest neighbour, so an 8x8 input shows its
-    pixels) to ``size`` x ``size`` with its label underneath, and an optional caption below
-    them all: uint8 (H, W, 3) on white.
+    pixels) to ``size`` x ``size`` with its label underneath: uint8 (H, W, 3) on white.
 
     panels: (label, uint8 (h, w, 3) or (h, w)); the 8x8 input and the 32x32 images alike.
     """
@@ -143,7 +141,7 @@ def labelled_panels(panels: list[tuple[str, ArrayLike]], size: int = 128,
         canvas.paste(tile, (x + (w - size) // 2, gap))
         draw.text((x + w / 2, gap + size + 4), label, fill="black", font=font, anchor="ma")
         x += w + gap
-    return with_caption(np.asarray(canvas), caption, size) if caption else np.asarray(canvas)
+    return np.asarray(canvas)
 
 
 def with_caption(img: np.ndarray, caption: str, size: int = 128) -> np.ndarray:

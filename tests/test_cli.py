@@ -96,7 +96,7 @@ def test_auto_is_opt_in_and_says_what_it_chose(tmp_path, tiny_ckpt, monkeypatch)
 
     def sequential(model, lr, *args, **kwargs):  # auto's choice on a machine where it pays
         return autok.AutoK(k=1, batch=len(lr), seconds_per_step={}, tokens_per_step={},
-                           tokens_per_second={}, calibration_seconds=0.0)
+                           calibration_seconds=0.0)
 
     monkeypatch.setattr(autok, "choose_k", sequential)
     src = face(tmp_path / "a.png")

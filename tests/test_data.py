@@ -74,23 +74,10 @@ def test_npz_file_items_match_array(tmp_path):
     for i in range(5):
         assert ds[i].dtype == torch.uint8 and tuple(ds[i].shape) == (32, 32, 3)
         assert np.array_equal(ds[i].numpy(), images[i])
-    assert ds.celeba_id.tolist() == [100, 101, 102, 103, 104]
     # Items are copies: changing one does not change the dataset.
     item = ds[0]
     item.fill_(7)
     assert np.array_equal(ds[0].numpy(), images[0])
-
-
-def test_npz_indices(tmp_path):
-    images = random_images(6)
-    np.savez(tmp_path / "f.npz", images=images)
-    ds = NpzFaces(tmp_path / "f.npz", indices=[4, 1])
-    assert len(ds) == 2
-    assert np.array_equal(ds[0].numpy(), images[4])
-    assert np.array_equal(ds[1].numpy(), images[1])
-    assert ds.celeba_id is None
-    with pytest.raises(DataError, match="out of range"):
-        NpzFaces(tmp_path / "f.npz", indices=[6])
 
 
 def test_npz_folder_of_shards_concatenated_in_name_order(tmp_path):
@@ -103,35 +90,6 @@ def test_npz_folder_of_shards_concatenated_in_name_order(tmp_path):
     assert len(ds) == 5
     got = np.stack([ds[i].numpy() for i in range(5)])
     assert np.array_equal(got, np.concatenate([a, b]))
-
-
-def test_npz_exclude_source(tmp_path):
-    images = random_images(5)
-    source = np.array(
-        [
-            "celeba_align_full",
-            "celeba_facecrop",
-            "celeba_align_half",
-            "celeba_facecrop",
-            "celeba_align_full",
-        ]
-    )
-    ids = np.arange(5, dtype=np.int32)
-    np.savez(tmp_path / "f.npz", images=images, source=source, celeba_id=ids)
-    ds = NpzFaces(tmp_path / "f.npz", exclude_source="celeba_facecrop")
-    assert len(ds) == 3
-    assert ds.celeba_id.tolist() == [0, 2, 4]
-    assert np.array_equal(ds[1].numpy(), images[2])
-    # indices count rows after the filter
-    sub = NpzFaces(tmp_path / "f.npz", indices=[2], exclude_source="celeba_facecrop")
-    assert np.array_equal(sub[0].numpy(), images[4])
-    assert len(NpzFaces(tmp_path / "f.npz")) == 5
-
-
-def test_npz_exclude_source_with_shard_lacking_source(tmp_path):
-    np.savez(tmp_path / "a.npz", images=random_images(2), source=np.array(["x", "y"]))
-    np.savez(tmp_path / "b.npz", images=random_images(3))
-    assert len(NpzFaces(tmp_path, exclude_source="x")) == 1 + 3
 
 
 @pytest.mark.parametrize(
@@ -372,11 +330,6 @@ def test_open_faces_dispatch(tmp_path):
     assert isinstance(ds, FolderFaces) and len(ds) == 1
 
 
-def test_open_faces_exclude_source(tmp_path):
-    np.savez(tmp_path / "f.npz", images=random_images(3), source=np.array(["a", "b", "a"]))
-    assert len(open_faces(tmp_path / "f.npz", exclude_source="a")) == 1
-
-
 def test_open_faces_errors(tmp_path):
     with pytest.raises(DataError, match="no such file or folder"):
         open_faces(tmp_path / "missing")
@@ -425,7 +378,8 @@ def test_prepare_celeba_shards_read_back_equal(tmp_path):
     src = CelebAFaces(tmp_path / "raw", "all")
     back = NpzFaces(out)
     assert len(back) == len(src) == 5
-    assert back.celeba_id.tolist() == [3, 7, 11, 12, 20]
+    ids = np.concatenate([np.load(p)["celeba_id"] for p in paths])
+    assert ids.tolist() == [3, 7, 11, 12, 20]
     for i in range(5):
         assert torch.equal(back[i], src[i])
     assert isinstance(open_faces(out), NpzFaces)
@@ -442,7 +396,7 @@ def test_prepare_celeba_split_and_foreign_npz(tmp_path):
     paths = prepare_celeba(tmp_path / "raw", out, split="train", progress=False)
     assert [p.name for p in paths] == ["celeba_train_000.npz"]
     ds = NpzFaces(out)
-    assert ds.celeba_id.tolist() == [1, 3]
+    assert np.load(paths[0])["celeba_id"].tolist() == [1, 3]
     assert_colour(ds[0], INSIDE)
     with pytest.raises(DataError, match="separate folder"):
         prepare_celeba(tmp_path / "raw", out, split="valid", progress=False)

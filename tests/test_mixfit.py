@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import random_lr, tiny_model
 
 from bpd_sr.cli import main
 from bpd_sr.config import ModelConfig
 from bpd_sr.mixfit import ExpertLogits, apply_mixture, expert_logits, fit_mixture
 from bpd_sr.pretrained import load_checkpoint, load_pretrained, save_checkpoint
 from bpd_sr.tokens import downsample, image_to_tokens, shift_right
+from tests.conftest import random_lr, tiny_model
 
 
 def test_cond_scale_is_one_number_or_one_per_colour():
