@@ -21,7 +21,7 @@ import torch
 
 from .atomic import write_atomic
 from .config import DEFAULT_EPSILON, DEFAULT_RULE
-from .decoding import DecodeResult, blockwise_parallel_decode, greedy_decode
+from .decoding import DecodeResult, blockwise_parallel_decode, greedy_decode, tokens_per_step
 from .metrics import quality, upscale_bicubic, upscale_lanczos
 from .model import ImageTransformer
 from .quiet import quiet_stderr
@@ -132,12 +132,10 @@ def table(
         images = torch.cat(d["images"])
         q = quality(images.numpy(), ref)
         sec = statistics.median(d["secs"])
-        total = sum(int(a.sum()) for a in d["accepted"])
-        steps = sum(len(a) for a in d["accepted"])
         same = (images == greedy_images).flatten(1).all(1).float().mean().item()
         rows.append({
             "k": k, "epsilon": eps, "regime": "sequential" if k == 1 else f"eps{eps}",
-            "mean_accepted": total / steps, "model_calls_per_image": d["calls"] / n,
+            "mean_accepted": tokens_per_step(d["accepted"]), "model_calls_per_image": d["calls"] / n,
             "seconds_per_image": sec, "seconds_per_image_mean": statistics.fmean(d["secs"]),
             "speedup": greedy_sec / sec, "psnr": q["psnr"], "ssim": q["ssim"],
             "psnr_per_image": [float(x) for x in q["psnr_per_image"]],
@@ -178,7 +176,7 @@ def sampling_table(
             plain_sec = sec if k == 1 else plain_sec
             q = quality(torch.cat(images).numpy(), ref)
             rows.append({"temperature": t, "k": k,
-                         "mean_accepted": sum(int(a.sum()) for a in accepted) / sum(len(a) for a in accepted),
+                         "mean_accepted": tokens_per_step(accepted),
                          "seconds_per_image": sec, "speedup": plain_sec / sec,
                          "psnr": q["psnr"], "ssim": q["ssim"]})
     return rows

@@ -69,8 +69,14 @@ class DecodeResult:
     @property
     def mean_accepted(self) -> float:
         """Mean accepted block size: tokens per step, over all steps of all images."""
-        total = sum(int(a.sum()) for a in self.accepted)
-        return total / max(1, sum(self.steps))
+        return tokens_per_step(self.accepted)
+
+
+def tokens_per_step(accepted: list[torch.Tensor]) -> float:
+    """Mean accepted block size over every step of every image: accepted holds one 1-D
+    long tensor per image, the tokens each of its steps committed."""
+    total = sum(int(a.sum()) for a in accepted)
+    return total / max(1, sum(len(a) for a in accepted))
 
 
 def _prepare(model: ImageTransformer, lr: torch.Tensor, n_tokens: int = N_HR_TOKENS):

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .config import DEFAULT_RULE
-from .decoding import blockwise_parallel_decode, sample_decode
+from .decoding import blockwise_parallel_decode, sample_decode, tokens_per_step
 from .metrics import quality, upscale_bicubic, upscale_lanczos
 from .model import ImageTransformer
 from .tokens import downsample
@@ -103,15 +103,15 @@ def quality_rows(model: ImageTransformer, hr: torch.Tensor, ks: list[int], epsil
     for m in tqdm(methods(ks, epsilons, rules, list(temperatures)), desc="decoding",
                   disable=not progress):
         decoded, acc, calls, secs = decode_all(model, lr, m, refine, seed, batch_size)
-        total, steps = sum(int(a.sum()) for a in acc), sum(len(a) for a in acc)
+        mean = tokens_per_step(acc)
         row = {"method": m.name, "rule": m.rule, "k": m.k, "epsilon": m.epsilon,
                "temperature": m.temperature,
                "refine": refine if m.k > 1 and m.temperature == 0 else None,
                **summary(quality(decoded.numpy(), ref), bicubic),
-               "mean_accepted": total / steps, "model_calls_per_image": calls / len(lr),
+               "mean_accepted": mean, "model_calls_per_image": calls / len(lr),
                "seconds": secs}
         if m.k > 1:  # of the k - 1 proposals tested per step (slot 0 is the base's own token)
-            row["share_of_proposals_rejected"] = 1 - (total - steps) / (steps * (m.k - 1))
+            row["share_of_proposals_rejected"] = (m.k - mean) / (m.k - 1)
         if m.temperature == 0 and m.k == 1:
             sequential[m.rule] = (row["psnr"], decoded)
         elif m.temperature == 0 and m.rule in sequential:

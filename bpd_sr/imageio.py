@@ -27,14 +27,12 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .atomic import write_atomic
+from .config import HR_SIZE, LR_SIZE
 from .framing import area_resize, frame
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
-
-LR_SIZE = 8  # the model's input side
-HR_SIZE = 32  # the model's output side
 
 # Modes that carry an alpha channel; palette and L/RGB images may also carry a
 # "transparency" entry in img.info (a transparent index or colour).

@@ -143,14 +143,22 @@ class ConditioningNet(nn.Module):
         with torch.autocast(lr.device.type, enabled=False):
             return self._logits(lr, n_positions)
 
-    def _features(self, lr: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, lr: torch.Tensor, rows: int, detach_scale: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """lr uint8 (B, 8, 8, 3) -> (x (B, 3, 8, 8) input intensities, y (B, 768 or 6, rows,
-        32) the output layer on the first rows of the image)."""
+        32) the output layer on the first rows of the image). detach_scale (gaussian head):
+        the sigma outputs read the features detached, so that fitting sigma trains only its
+        own output weights."""
         x = lr.permute(0, 3, 1, 2).to(self.stem.weight.dtype)  # (B, 3, 8, 8)
         y = self.stem(x / 127.5 - 1.0)
         for block in self.res:
             y = y + block(y)
-        return x, self.out(self.up(y)[:, :, :rows])
+        features = self.up(y)[:, :, :rows]
+        if not detach_scale:
+            return x, self.out(features)
+        w, b = self.out.weight, self.out.bias
+        return x, torch.cat([F.conv2d(features, w[:CHANNELS], b[:CHANNELS]),
+                             F.conv2d(features.detach(), w[CHANNELS:], b[CHANNELS:])], dim=1)
 
     def _logits(self, lr: torch.Tensor, n_positions: int) -> torch.Tensor:
         rows = -(-n_positions // (HR_SIZE * CHANNELS))  # image rows holding those targets
@@ -162,14 +170,16 @@ class ConditioningNet(nn.Module):
         y = y.view(b, CHANNELS, N_INTENSITIES, rows, HR_SIZE).permute(0, 3, 4, 1, 2)
         return y.reshape(b, rows * HR_SIZE * CHANNELS, N_INTENSITIES)[:, :n_positions]
 
-    def gaussian_parameters(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gaussian_parameters(self, lr: torch.Tensor, detach_scale: bool = False
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """The Gaussian head's mean and scale in intensity levels, without the 256-level
         table: lr uint8 (B, 8, 8, 3) -> (mu, sigma), each (B, 3, 32, 32). Cheap to train by
-        regression (``bpd_sr.condfit``, objective "regression")."""
+        regression (``bpd_sr.condfit``, objective "regression"); detach_scale as in
+        ``_features``."""
         if self.head != "gaussian":
             raise ValueError("gaussian_parameters needs the gaussian head")
         with torch.autocast(lr.device.type, enabled=False):
-            return self._gaussian(*self._features(lr, HR_SIZE))
+            return self._gaussian(*self._features(lr, HR_SIZE, detach_scale))
 
     @staticmethod
     def _gaussian(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -197,3 +197,15 @@ def test_fit_cond_regression_objective_with_a_narrow_upsampling_path(tmp_path):
     res = CliRunner().invoke(main, [str(a) for a in args + ["--out", tmp_path / "s", "--head",
                                                             "logits", "--objective", "regression"]])
     assert res.exit_code != 0 and "needs the gaussian head" in res.output
+
+
+def test_detached_scale_trains_only_the_scale_outputs():
+    torch.manual_seed(0)
+    net = ConditioningNet(8, 1, head="gaussian", up_width=4)
+    lr = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    mu, sigma = net.gaussian_parameters(lr, detach_scale=True)
+    ref_mu, ref_sigma = net.gaussian_parameters(lr)
+    assert torch.equal(mu, ref_mu) and torch.allclose(sigma, ref_sigma)
+    sigma.sum().backward()
+    assert net.stem.weight.grad is None or not net.stem.weight.grad.any()
+    assert net.out.weight.grad[3:].abs().sum() > 0 and not net.out.weight.grad[:3].any()
