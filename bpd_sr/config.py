@@ -18,7 +18,7 @@ N_LR_TOKENS = LR_SIZE * LR_SIZE * CHANNELS  # 192
 N_HR_TOKENS = HR_SIZE * HR_SIZE * CHANNELS  # 3072
 N_INTENSITIES = 256
 
-# The decoding rule every deterministic decode uses unless told otherwise (bpd_sr.rules):
+# The decoding rule every deterministic decode uses unless told otherwise (bpd_sr.decoding.rules):
 # "mean", the expected intensity, measured better than the paper's "argmax" on PSNR, SSIM
 # and acceptance with the shipped weights (README, "Results"). The one place that decides it.
 DEFAULT_RULE = "mean"
@@ -162,7 +162,7 @@ class TrainConfig:
     eval_every: int = 500
     ckpt_minutes: float = 5.0
     amp: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | bf16 | fp32
-    compile: str = "auto"  # auto (on a GPU, when it pays) | on | off: bpd_sr.trainspeed
+    compile: str = "auto"  # auto (on a GPU, when it pays) | on | off: bpd_sr.training.trainspeed
     profile_steps: int = 20  # steps profiled once per run into <out>/profile.txt (0: none)
     # an inference checkpoint (bf16, like the shipped one) written every export_minutes and
     # at the end, so that a run killed at a deadline still leaves weights ("": none)
@@ -192,7 +192,7 @@ class TrainConfig:
 @dataclass
 class HeadFitConfig:
     """Fitting the proposal heads of a frozen base to its own greedy decodes
-    (``bpd_sr.headfit``). Saved in the checkpoint it produces."""
+    (``bpd_sr.training.headfit``). Saved in the checkpoint it produces."""
 
     data: str = ""
     init: str = ""  # the base (or base + heads) checkpoint; its base is kept frozen
@@ -208,7 +208,7 @@ class HeadFitConfig:
     eval_every: int = 250
     seed: int = 0
     out: str = "runs/heads"
-    rule: str = DEFAULT_RULE  # the decoding rule whose decodes the heads learn (bpd_sr.rules)
+    rule: str = DEFAULT_RULE  # the decoding rule whose decodes the heads learn (bpd_sr.decoding.rules)
     # weight of a loss on each head's rule value (for "mean": its expected intensity) beside
     # the cross-entropy: acceptance asks for |head's value - target| <= epsilon, not for mass
     value_loss_weight: float = 0.0

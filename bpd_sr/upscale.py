@@ -4,32 +4,40 @@ The steps of ``bpd-sr upscale`` for one image, as functions the command drives i
 (``bpd_sr.cli``) and the Python API can call: ``read_model_input`` (file -> 8x8 and
 notices), ``decode`` (8x8 -> a DecodeResult, by the chosen method), ``pictures`` (the
 labelled comparison and the heatmap) and ``upscale_file`` (all of it, writing every file
-atomically). Output names are decided beforehand for the whole batch (``bpd_sr.outputs``).
+atomically). Output names are decided beforehand for the whole batch (``bpd_sr.io.outputs``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import imageio, viz
-from .config import DEFAULT_EPSILON, DEFAULT_K, DEFAULT_RULE
-from .decoding import DecodeResult, blockwise_parallel_decode, greedy_decode, sample_decode
-from .model import ImageTransformer
-from .outputs import OutputNames
+from bpd_sr.config import DEFAULT_EPSILON, DEFAULT_K, DEFAULT_RULE
+from bpd_sr.decoding.autok import auto_decode
+from bpd_sr.decoding.loop import (
+    DecodeResult,
+    blockwise_parallel_decode,
+    greedy_decode,
+    sample_decode,
+)
+from bpd_sr.evaluation import viz
+from bpd_sr.io import imageio
+from bpd_sr.io.outputs import OutputNames
+from bpd_sr.model.transformer import ImageTransformer
 
 
 @dataclass(frozen=True)
 class DecodeSettings:
     """How ``upscale`` decodes: greedy (one token per step) or blockwise with k proposals
-    and an epsilon, each token by the decoding rule (``bpd_sr.rules``); with temperature >
+    and an epsilon, each token by the decoding rule (``bpd_sr.decoding.rules``); with temperature >
     0, exact sampling instead (seeded per sample)."""
 
     greedy: bool = False
-    k: int | str | None = DEFAULT_K  # None: every slot the model has; "auto": bpd_sr.autok
+    k: int | str | None = DEFAULT_K  # None: every slot the model has; "auto": bpd_sr.decoding.autok
     epsilon: int = DEFAULT_EPSILON
     temperature: float = 0.0
     seed: int = 0
@@ -57,12 +65,14 @@ def decode(model: ImageTransformer, lr: torch.Tensor, settings: DecodeSettings,
         generator = torch.Generator().manual_seed(settings.seed * 1000 + sample)
         if settings.greedy:
             return sample_decode(model, lr, settings.temperature, generator)
-        return blockwise_parallel_decode(model, lr, k=settings.k,
-                                         temperature=settings.temperature, generator=generator)
+        blockwise = auto_decode if settings.k == "auto" else partial(
+            blockwise_parallel_decode, k=settings.k)
+        return blockwise(model, lr, temperature=settings.temperature, generator=generator)
     if settings.greedy:
         return greedy_decode(model, lr, rule=settings.rule)
-    return blockwise_parallel_decode(model, lr, k=settings.k, epsilon=settings.epsilon,
-                                     rule=settings.rule)
+    blockwise = auto_decode if settings.k == "auto" else partial(
+        blockwise_parallel_decode, k=settings.k)
+    return blockwise(model, lr, epsilon=settings.epsilon, rule=settings.rule)
 
 
 def read_model_input(path: Path, crop: str = "auto") -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -77,7 +87,7 @@ def pictures(img: np.ndarray, lr: np.ndarray, results: list[np.ndarray], crop: s
              size: int) -> np.ndarray:
     """The labelled comparison: input | bicubic | bpd-sr (each sample) | original, the last
     when the input was larger than 8x8 and the original can be shown at 32x32."""
-    from .metrics import upscale_bicubic
+    from bpd_sr.evaluation.metrics import upscale_bicubic
 
     names = ["bpd-sr"] if len(results) == 1 else [f"sample {i}" for i in range(len(results))]
     panels = [("input 8x8", lr), ("bicubic", upscale_bicubic(lr)), *zip(names, results, strict=True)]

@@ -1,4 +1,4 @@
-"""bpd_sr.atomic: the one atomic writer, tested once for every file bpd-sr writes."""
+"""bpd_sr.io.atomic: the one atomic writer, tested once for every file bpd-sr writes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from bpd_sr.atomic import write_atomic
+from bpd_sr.io.atomic import write_atomic
 
 
 def test_writes_and_replaces(tmp_path):

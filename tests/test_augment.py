@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bpd_sr.augment import augment_faces
+from bpd_sr.training.augment import augment_faces
 
 
 def _faces(n=6):

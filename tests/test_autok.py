@@ -6,8 +6,9 @@ import json
 
 import torch
 
-from bpd_sr import autok, blockwise_parallel_decode, greedy_decode
-from bpd_sr.tokens import image_to_tokens
+from bpd_sr import greedy_decode
+from bpd_sr.decoding import autok
+from bpd_sr.model.tokens import image_to_tokens
 from tests.conftest import random_lr, tiny_model
 
 
@@ -36,7 +37,7 @@ def test_auto_decodes_like_the_k_it_chose(monkeypatch, tmp_path):
     assert choice.k in (1, 2, 4)
     assert set(choice.seconds_per_step) == {"1", "2", "4"}
     assert (tmp_path / "bpd-sr" / "autok.json").is_file()  # kept for the next run
-    res = blockwise_parallel_decode(model, lr, k="auto", n_tokens=300)
+    res = autok.auto_decode(model, lr, n_tokens=300)
     # exact acceptance: whatever k was chosen, the 300 tokens are the greedy decode's (a
     # blockwise decode may leave its last proposals past n_tokens: compare the 300 only)
     ref = greedy_decode(model, lr, n_tokens=300)
@@ -54,7 +55,7 @@ def test_auto_follows_the_costs(monkeypatch, tmp_path):
     for expect_blockwise, cost in costs.items():
         model.__dict__.pop("_autok", None)
         monkeypatch.setattr(autok, "_seconds_per_step", cost)
-        res = blockwise_parallel_decode(model, lr, k="auto", n_tokens=200)
+        res = autok.auto_decode(model, lr, n_tokens=200)
         assert (max(len(a) for a in res.accepted) < 200) == expect_blockwise
 
 

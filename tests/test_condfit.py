@@ -1,4 +1,4 @@
-"""The conditioning net pretrained alone (bpd_sr.condfit): its Gaussian head, the command,
+"""The conditioning net pretrained alone (bpd_sr.training.condfit): its Gaussian head, the command,
 resume, and that only the conditioning net changes."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from click.testing import CliRunner
 
 from bpd_sr.cli import main
 from bpd_sr.config import ModelConfig
-from bpd_sr.model import ConditioningNet, ImageTransformer
-from bpd_sr.pretrained import load_checkpoint, load_pretrained, save_checkpoint
-from bpd_sr.rules import apply_rule
+from bpd_sr.decoding.rules import apply_rule
+from bpd_sr.io.pretrained import load_checkpoint, load_pretrained, save_checkpoint
+from bpd_sr.model.conditioning import ConditioningNet
+from bpd_sr.model.transformer import ImageTransformer
 
 
 def test_gaussian_head_is_a_discretised_gaussian():
@@ -131,7 +132,7 @@ def _shifted(cond: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def test_fit_cond_writes_the_net_that_did_best_on_held_out_faces(tmp_path, monkeypatch):
-    import bpd_sr.condfit as condfit
+    import bpd_sr.training.condfit as condfit
 
     rng = np.random.default_rng(1)
     faces = tmp_path / "faces.npz"
@@ -165,7 +166,7 @@ def test_gaussian_parameters_are_the_ones_its_logits_are_made_of():
 
 
 def test_regression_loss_fits_mu_by_squared_error_and_sigma_by_likelihood():
-    from bpd_sr.condfit import regression_loss
+    from bpd_sr.training.condfit import regression_loss
 
     hr = torch.full((1, 32, 32, 3), 100, dtype=torch.uint8)
     mu = torch.full((1, 3, 32, 32), 104.0, requires_grad=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bpd_sr.data import (
+from bpd_sr.io.data import (
     CelebAFaces,
     DataError,
     FolderFaces,
@@ -15,7 +15,7 @@ from bpd_sr.data import (
     open_faces,
     prepare_celeba,
 )
-from bpd_sr.framing import celeba_box
+from bpd_sr.io.framing import celeba_box
 
 INSIDE = (200, 40, 90)
 OUTSIDE = (20, 210, 30)

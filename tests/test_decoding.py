@@ -7,10 +7,10 @@ import torch
 
 from bpd_sr import blockwise_parallel_decode, greedy_decode
 from bpd_sr.config import N_HR_TOKENS
-from bpd_sr.decoding import acceptance_test
-from bpd_sr.rules import DEFAULT_RULE, RULES, apply_rule
-from bpd_sr.tokens import image_to_tokens
-from bpd_sr.train import sr_loss
+from bpd_sr.decoding.acceptance import acceptance_test
+from bpd_sr.decoding.rules import DEFAULT_RULE, RULES, apply_rule
+from bpd_sr.model.tokens import image_to_tokens
+from bpd_sr.training.loss import sr_loss
 from tests.conftest import random_lr, tiny_model
 
 # The sweeps below decode a prefix: parity holds token by token, so 770 tokens (8 rows of the
@@ -46,7 +46,7 @@ def synthetic_faces(n: int, seed: int) -> torch.Tensor:
 def train_on_bands(batch: int = 1, steps: int = 60, lr: float = 3e-3):
     """The tiny model with k = 4, base and heads trained jointly on the bands above for
     ``steps`` steps of ``batch`` images; returned in float64 for decoding."""
-    from bpd_sr.tokens import downsample
+    from bpd_sr.model.tokens import downsample
 
     model = tiny_model(k=4, seed=7, dtype=torch.float32).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -154,7 +154,7 @@ def test_a_wrong_oracle_is_caught(model8, greedy_ref):
 
 @pytest.mark.parametrize("k", [2, 4])
 def test_exact_blockwise_equals_greedy_trained_heads(trained_model, k):
-    from bpd_sr.tokens import downsample
+    from bpd_sr.model.tokens import downsample
 
     lr = downsample(synthetic_faces(3, seed=999))
     # the heads learnt the data's tokens, which a 60-step model decodes by argmax; its
@@ -302,7 +302,7 @@ def test_distance_acceptance_under_the_mean_rule(epsilon):
 
 
 def test_refine_from_verify_takes_the_verify_predictions():
-    from bpd_sr.decoding import refine_from_verify
+    from bpd_sr.decoding.acceptance import refine_from_verify
 
     k = 4
     base = torch.full((2, k, 256), -1e4)

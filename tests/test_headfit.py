@@ -1,4 +1,4 @@
-"""Head distillation on cached decoder states (bpd_sr.headfit): the cached states are the
+"""Head distillation on cached decoder states (bpd_sr.training.headfit): the cached states are the
 decode-time states, fitting touches only the heads and makes them agree more, the command
 resumes its decodes."""
 
@@ -11,10 +11,10 @@ from click.testing import CliRunner
 
 from bpd_sr.cli import main
 from bpd_sr.config import ModelConfig
-from bpd_sr.decoding import blockwise_parallel_decode, greedy_decode
-from bpd_sr.headfit import decode_states, fit_heads, head_agreement
-from bpd_sr.model import ImageTransformer
-from bpd_sr.pretrained import load_checkpoint, load_pretrained, save_checkpoint
+from bpd_sr.decoding.loop import blockwise_parallel_decode, greedy_decode
+from bpd_sr.io.pretrained import load_checkpoint, load_pretrained, save_checkpoint
+from bpd_sr.model.transformer import ImageTransformer
+from bpd_sr.training.headfit import decode_states, fit_heads, head_agreement
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_fit_heads_changes_only_the_heads_and_raises_agreement(decoded):
 def test_mean_rule_agreement_and_value_loss(decoded):
     """Under the mean rule the states of mean decodes reproduce them in slot 0, and the
     value loss trains the heads' expected intensities toward the decoded tokens."""
-    from bpd_sr.rules import expected_intensity
+    from bpd_sr.decoding.rules import expected_intensity
 
     model, lr, _ = decoded
     model = ImageTransformer(model.cfg)
@@ -72,7 +72,7 @@ def test_mean_rule_agreement_and_value_loss(decoded):
     assert head_agreement(model, data, rule="mean")["agree_exact"][0] == 1.0
 
     def value_error():
-        from bpd_sr.headfit import _slot_logits, _targets
+        from bpd_sr.training.headfit import _slot_logits, _targets
 
         idx = torch.arange(len(data))
         pos = torch.arange(3072).expand(len(idx), -1)
@@ -129,7 +129,7 @@ def test_fit_heads_command_rejects_a_held_out_set_as_large_as_the_data(tmp_path)
 
 
 def test_warm_start_with_another_k_keeps_the_base_and_starts_new_heads(tmp_path):
-    from bpd_sr.pretrained import warm_start
+    from bpd_sr.io.pretrained import warm_start
 
     torch.manual_seed(0)
     src = ImageTransformer(ModelConfig.preset("tiny", k=4))
@@ -145,7 +145,7 @@ def test_warm_start_with_another_k_keeps_the_base_and_starts_new_heads(tmp_path)
 
 def test_distill_cache_keeps_its_rule(tmp_path):
     """Cached decodes are reused only by a run with the same decoding rule."""
-    from bpd_sr.train import distill_targets
+    from bpd_sr.training.distill import distill_targets
 
     torch.manual_seed(0)
     model = ImageTransformer(ModelConfig.preset("tiny")).eval()

@@ -1,4 +1,4 @@
-"""bpd_sr.imageio: every input mode, every user error, atomic writes, folder expansion."""
+"""bpd_sr.io.imageio: every input mode, every user error, atomic writes, folder expansion."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bpd_sr.imageio import (
+from bpd_sr.io.imageio import (
     IMAGE_EXTENSIONS,
     ImageError,
     find_images,
@@ -288,7 +288,7 @@ def test_read_and_train_see_the_same_pixels(tmp_path: Path) -> None:
     """One reader: a folder dataset (train, evaluate) gets exactly what upscale's reader
     and framing give, for the files where two readers used to differ (16-bit values below
     256, half-transparent pixels, extensions only one of them accepted)."""
-    from bpd_sr.data import FolderFaces
+    from bpd_sr.io.data import FolderFaces
 
     Image.fromarray(np.full((40, 40), 200, np.uint16)).save(tmp_path / "a_16bit_dark.png")
     Image.new("RGBA", (36, 36), (10, 20, 30, 77)).save(tmp_path / "b_half_alpha.png")

@@ -1,4 +1,4 @@
-"""bpd_sr.metrics: PSNR / SSIM conventions and baselines."""
+"""bpd_sr.evaluation.metrics: PSNR / SSIM conventions and baselines."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bpd_sr.metrics import (
+from bpd_sr.evaluation.metrics import (
     psnr,
     quality,
     ssim,

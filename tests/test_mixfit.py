@@ -1,4 +1,4 @@
-"""The fitted product of experts (bpd_sr.mixfit): per-colour conditioning weights, the decoder
+"""The fitted product of experts (bpd_sr.training.mixfit): per-colour conditioning weights, the decoder
 temperature folded into the output layer, the fit, and the command."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 from bpd_sr.cli import main
 from bpd_sr.config import ModelConfig
-from bpd_sr.mixfit import ExpertLogits, apply_mixture, expert_logits, fit_mixture
-from bpd_sr.pretrained import load_checkpoint, load_pretrained, save_checkpoint
-from bpd_sr.tokens import downsample, image_to_tokens, shift_right
+from bpd_sr.io.pretrained import load_checkpoint, load_pretrained, save_checkpoint
+from bpd_sr.model.tokens import downsample, image_to_tokens, shift_right
+from bpd_sr.training.mixfit import ExpertLogits, apply_mixture, expert_logits, fit_mixture
 from tests.conftest import random_lr, tiny_model
 
 

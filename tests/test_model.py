@@ -7,7 +7,7 @@ import torch
 
 from bpd_sr import ImageTransformer, ModelConfig
 from bpd_sr.config import N_HR_TOKENS
-from bpd_sr.tokens import (
+from bpd_sr.model.tokens import (
     BOS,
     downsample,
     image_to_tokens,
@@ -271,7 +271,7 @@ def test_conditioning_logits_under_bf16_autocast_are_the_float32_ones(head):
 
 
 def test_expected_intensity_under_autocast_is_not_rounded():
-    from bpd_sr.rules import expected_intensity
+    from bpd_sr.decoding.rules import expected_intensity
 
     logits = torch.randn(64, 256) * 3
     ref = expected_intensity(logits, torch.float32)

@@ -10,8 +10,33 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY = sorted((ROOT / "bpd_sr").glob("*.py"))
-COMMAND_LINE = {"cli.py", "__main__.py"}  # the only modules that may know about click
+LIBRARY = sorted((ROOT / "bpd_sr").rglob("*.py"))
+PACKAGE = ROOT / "bpd_sr"
+
+
+def _is_command_line(path: Path) -> bool:
+    """bpd_sr/cli/ and __main__.py: the only modules that may know about click."""
+    return path.name == "__main__.py" or "cli" in path.relative_to(PACKAGE).parts[:-1]
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _bpd_imports(path: Path) -> set[str]:
+    """The bpd_sr modules a module imports anywhere in it (functions included), as dotted
+    names; ``from bpd_sr.x import y`` counts y when bpd_sr.x.y is a module."""
+    modules = {_module_name(p) for p in LIBRARY}
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        found |= {n for n in names if n in modules}
+    return found
 
 
 def _imports(path: Path) -> set[str]:
@@ -29,13 +54,45 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_the_library_never_imports_the_command_line():
-    """cli imports the library, never the other way round: `python -m bpd_sr.train` used to
+    """cli imports the library, never the other way round: `python -m bpd_sr.training.train` used to
     import cli, which imported train again, and the library needed click through it."""
     for path in LIBRARY:
-        if path.name in COMMAND_LINE:
+        if _is_command_line(path):
             continue
-        bad = _imports(path) & {"click", ".cli", ".__main__"}
+        bad = (_imports(path) & {"click"}) | {m for m in _bpd_imports(path)
+                                              if m.startswith(("bpd_sr.cli", "bpd_sr.__main__"))}
         assert not bad, f"{path.name} imports {bad}"
+
+
+def test_no_import_cycles():
+    """Module A imports B (anywhere in it, lazily too) and B imports A, or a longer loop: a
+    cycle hides which layer depends on which. Package __init__ files that only re-export are
+    followed like any module."""
+    graph = {_module_name(p): _bpd_imports(p) - {_module_name(p)} for p in LIBRARY}
+    # a module imports its package's __init__ implicitly; that is not a dependency of its own
+    graph = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            assert state.get(d) != 1, "import cycle: " + " -> ".join(path + [m, d])
+            if d not in state:
+                visit(d, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+
+
+def test_the_package_shows_its_layers():
+    """Subpackages, each with one job, and no module over 400 lines."""
+    subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert {"model", "decoding", "training", "io", "evaluation", "cli"} <= subpackages
+    long = {str(p.relative_to(PACKAGE)): n for p in LIBRARY
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, f"modules over 400 lines: {long}"
 
 
 def _referenced_names() -> tuple[dict[Path, set[str]], str]:
@@ -86,7 +143,7 @@ def test_every_definition_is_used():
 
 
 def test_one_atomic_writer():
-    """Every file is written by bpd_sr.atomic: no module renames temporary files itself."""
+    """Every file is written by bpd_sr.io.atomic: no module renames temporary files itself."""
     for path in LIBRARY:
         if path.name == "atomic.py":
             continue

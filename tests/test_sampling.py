@@ -11,9 +11,9 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-import bpd_sr.decoding as decoding
+import bpd_sr.decoding.loop as decoding
 from bpd_sr import blockwise_parallel_decode, greedy_decode, sample_decode
-from bpd_sr.tokens import image_to_tokens, shift_right
+from bpd_sr.model.tokens import image_to_tokens, shift_right
 from tests.conftest import random_lr, tiny_model
 
 SUPPORT = torch.tensor([10, 20, 30, 40])  # the only intensities the test model can emit

@@ -1,4 +1,4 @@
-"""The fast decoder step (``bpd_sr.step`` on the head-major ``KVCache``) computes exactly what
+"""The fast decoder step (``bpd_sr.model.step`` on the head-major ``KVCache``) computes exactly what
 the module path on the reference ``FlatKVCache`` computes: bit for bit in float64, and in
 float32 with the shipped weights on the example face."""
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from bpd_sr import blockwise_parallel_decode, greedy_decode, load_pretrained
-from bpd_sr.cache import FlatKVCache, KVCache
 from bpd_sr.config import N_HR_TOKENS
-from bpd_sr.tokens import previous_token_inputs
+from bpd_sr.model.cache import FlatKVCache, KVCache
+from bpd_sr.model.tokens import previous_token_inputs
 from tests.conftest import random_lr, tiny_model
 from tests.test_model import random_chunks
 
@@ -119,7 +119,7 @@ def test_shipped_weights_float32_identical_on_the_example_face():
     fed one token and k tokens at a time, is identical on both paths."""
     from pathlib import Path
 
-    from bpd_sr.imageio import read_image, to_model_input
+    from bpd_sr.io.imageio import read_image, to_model_input
 
     img = read_image(Path(__file__).parent.parent / "data" / "examples" / "astronaut.png")
     lr = torch.from_numpy(np.ascontiguousarray(to_model_input(img)[0]))[None]
@@ -144,9 +144,9 @@ def test_step_refuses_dropout_in_training_mode():
 
 @pytest.mark.slow
 def test_compiled_step_matches_the_eager_step():
-    """torch.compile'd steps (bpd_sr.compiled) give the eager step's logits to float32
+    """torch.compile'd steps (bpd_sr.decoding.compiled) give the eager step's logits to float32
     rounding, one token and several at a time (compiles for a minute or so: marked slow)."""
-    from bpd_sr.compiled import compile_decoder, uncompile_decoder
+    from bpd_sr.decoding.compiled import compile_decoder, uncompile_decoder
 
     model = tiny_model(k=3, seed=4, dtype=torch.float32)
     lr = random_lr(1, seed=4)

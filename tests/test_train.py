@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from bpd_sr.config import TrainConfig
-from bpd_sr.pretrained import load_checkpoint, load_pretrained
-from bpd_sr.train import TrainError, _lr_at, batch_indices, schedule_progress, train
+from bpd_sr.io.pretrained import load_checkpoint, load_pretrained
+from bpd_sr.training.train import TrainError, _lr_at, batch_indices, schedule_progress, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,7 +188,7 @@ def test_gpu_finetune_script_runs_on_the_cpu(tmp_path):
     deadline and leave weights, log, profile and the decode grid in $OUT, with no test set."""
     import json
 
-    from bpd_sr.pretrained import load_pretrained, save_checkpoint
+    from bpd_sr.io.pretrained import load_pretrained, save_checkpoint
     from tests.conftest import tiny_model
 
     root = Path(__file__).resolve().parents[1]
@@ -267,7 +267,7 @@ def test_resuming_what_cannot_be_resumed_is_one_line(faces, tmp_path):
     from click.testing import CliRunner
 
     from bpd_sr.cli import main
-    from bpd_sr.pretrained import save_checkpoint
+    from bpd_sr.io.pretrained import save_checkpoint
     from tests.conftest import tiny_model
 
     save_checkpoint(tmp_path / "last.pt", tiny_model(k=1, dtype=torch.float32))  # no optimizer
@@ -284,7 +284,7 @@ def test_one_cross_entropy_equals_the_loss_of_each_slot():
 
     import torch.nn.functional as F
 
-    from bpd_sr.train import sr_loss
+    from bpd_sr.training.loss import sr_loss
 
     g = torch.Generator().manual_seed(0)
     b, t, k = 2, 3072, 4
@@ -307,7 +307,7 @@ def test_one_cross_entropy_equals_the_loss_of_each_slot():
 
 
 def test_compiling_falls_back_to_eager_when_it_fails_or_does_not_pay(monkeypatch):
-    from bpd_sr import trainspeed
+    from bpd_sr.training import trainspeed
 
     calls = []
 

@@ -1,4 +1,4 @@
-"""bpd_sr.viz: colour maps, per-pixel maps of decoding steps, strips."""
+"""bpd_sr.evaluation.viz: colour maps, per-pixel maps of decoding steps, strips."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bpd_sr.viz import (
+from bpd_sr.evaluation.viz import (
     accepted_length_map,
     colormap,
     colour_bar,

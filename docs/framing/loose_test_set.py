@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from bpd_sr.data import write_npz_atomic
-from bpd_sr.framing import area_resize
+from bpd_sr.io.data import write_npz_atomic
+from bpd_sr.io.framing import area_resize
 
 
 def looser_framing(faces_64: torch.Tensor, pad: int = 16) -> torch.Tensor:

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from bpd_sr import DEFAULT_RULE, load_pretrained
-from bpd_sr.framing import area_resize, frame
-from bpd_sr.imageio import read_image, reference_32, to_model_input
-from bpd_sr.metrics import psnr, upscale_bicubic
+from bpd_sr.evaluation.metrics import psnr, upscale_bicubic
+from bpd_sr.io.framing import area_resize, frame
+from bpd_sr.io.imageio import read_image, reference_32, to_model_input
 
 folder, out_json = Path(sys.argv[1]), Path(sys.argv[2])
 photos = sorted(folder.glob("*.png"))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from bpd_sr import blockwise_parallel_decode, greedy_decode, load_pretrained
-from bpd_sr.tokens import downsample
+from bpd_sr.model.tokens import downsample
 
 torch.set_num_threads(1)
 faces, n, rounds, out_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

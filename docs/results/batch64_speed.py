@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from bpd_sr import blockwise_parallel_decode, greedy_decode, load_pretrained
-from bpd_sr.tokens import downsample
+from bpd_sr.model.tokens import downsample
 
 os.environ["BPD_SR_CACHE"] = "off"  # calibrate k = "auto" here, not from an earlier run
 torch.set_num_threads(1)

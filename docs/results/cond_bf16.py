@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from bpd_sr import load_pretrained
-from bpd_sr.tokens import downsample
+from bpd_sr.model.tokens import downsample
 
 faces, n, out_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 model = load_pretrained(threads=1)

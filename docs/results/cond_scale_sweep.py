@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from bpd_sr import blockwise_parallel_decode, load_pretrained
-from bpd_sr.metrics import quality
-from bpd_sr.tokens import downsample
+from bpd_sr.evaluation.metrics import quality
+from bpd_sr.model.tokens import downsample
 
 torch.set_num_threads(1)
 faces, n, out_path, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]

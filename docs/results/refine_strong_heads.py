@@ -12,7 +12,7 @@ import time
 import torch
 
 from bpd_sr import blockwise_parallel_decode, greedy_decode
-from bpd_sr.tokens import downsample
+from bpd_sr.model.tokens import downsample
 from tests.test_decoding import synthetic_faces, train_on_bands
 
 torch.set_num_threads(1)

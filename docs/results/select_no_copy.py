@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from bpd_sr import blockwise_parallel_decode, load_pretrained
-from bpd_sr.model import EncoderContext
-from bpd_sr.tokens import downsample
+from bpd_sr.model.tokens import downsample
+from bpd_sr.model.transformer import EncoderContext
 
 torch.set_num_threads(1)
 model = load_pretrained()

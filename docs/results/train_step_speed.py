@@ -23,9 +23,9 @@ from contextlib import nullcontext
 import numpy as np, torch
 torch.set_num_threads(1)
 from bpd_sr.config import ModelConfig, TrainConfig
-from bpd_sr.model import ImageTransformer
-from bpd_sr.pretrained import save_checkpoint
-from bpd_sr.train import Run, build_model, make_optimizer, train_step
+from bpd_sr.model.transformer import ImageTransformer
+from bpd_sr.io.pretrained import save_checkpoint
+from bpd_sr.training.train import Run, build_model, make_optimizer, train_step
 faces, preset, batch, k, steps, init, bf16 = sys.argv[1:8]
 batch, k, steps, bf16 = int(batch), int(k), int(steps), bf16 == "1"
 if preset == "tiny":
@@ -65,7 +65,7 @@ def main() -> None:
     sys.path.insert(0, os.getcwd())
     import torch
 
-    from bpd_sr.trainspeed import bf16_native
+    from bpd_sr.training.trainspeed import bf16_native
 
     bf16 = bf16_native(torch.device("cpu"))
     trees = dict(t.split("=", 1) for t in a.trees)

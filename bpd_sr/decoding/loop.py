@@ -16,7 +16,7 @@ proposal of section 4) is a short loop over four named steps:
    cost no extra decoder pass: model calls = steps + 1.
 
 Every image of a batch advances by its own accepted length; finished images leave the batch.
-Rejected proposals are forgotten by not moving the pointer (see ``bpd_sr.cache``).
+Rejected proposals are forgotten by not moving the pointer (see ``bpd_sr.model.cache``).
 
 Beyond the paper, ``temperature > 0`` turns the same loop into exact sampling from the base
 model's tempered distribution (speculative sampling: Leviathan et al. 2023, arXiv 2211.17192;
@@ -28,21 +28,25 @@ max(0, p - q); when all are kept the next token is drawn from p.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from .cache import GATHERED, Layout
-from .config import N_HR_TOKENS
-from .model import EncoderContext, ImageTransformer
-from .rules import DEFAULT_RULE, apply_rule, check_rule
-from .tokens import BOS, previous_token_inputs, tokens_to_image
-
-# proposer(rows, next_pos, slot_logits) -> (b, k) proposed tokens. rows: cache rows (b,);
-# next_pos: (b,) position of the first proposal; slot_logits: (b, k, 256) of the proposal slots.
-Proposer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from bpd_sr.config import N_HR_TOKENS
+from bpd_sr.decoding.acceptance import (
+    Proposer,
+    acceptance_test,
+    distance_test,
+    refine_from_verify,
+    residual_distribution,
+    rule_proposer,
+    speculative_accept,
+)
+from bpd_sr.decoding.rules import DEFAULT_RULE, apply_rule, check_rule
+from bpd_sr.model.cache import GATHERED, Layout
+from bpd_sr.model.tokens import BOS, previous_token_inputs, tokens_to_image
+from bpd_sr.model.transformer import EncoderContext, ImageTransformer
 
 
 @dataclass
@@ -116,7 +120,7 @@ def sample_decode(
     """Ancestral sampling from the base model at a temperature, one token per decoder call.
 
     The reference for sampling; temperature 0 is sequential decoding with ``rule`` (the
-    decoding rule, ``bpd_sr.rules``; ignored when sampling). lr: uint8 (B, 8, 8, 3).
+    decoding rule, ``bpd_sr.decoding.rules``; ignored when sampling). lr: uint8 (B, 8, 8, 3).
     n_tokens: decode only the first n tokens (the rest stay 0; for tests).
     """
     check_rule(rule)
@@ -156,59 +160,6 @@ def greedy_decode(
     return sample_decode(model, lr, temperature=0.0, n_tokens=n_tokens, rule=rule)
 
 
-def acceptance_test(
-    proposals: torch.Tensor, base_logits: torch.Tensor, epsilon: int = 0,
-    top_t: int | None = None, rule: str = DEFAULT_RULE,
-) -> torch.Tensor:
-    """Which proposals pass against the base model's prediction at the same position.
-
-    proposals: long (b, m); base_logits: (b, m, 256). Returns bool (b, m).
-    top_t: the proposal is among the base's t most likely tokens (section 5.2, "top-k").
-    Otherwise: |proposal - rule(base)| <= epsilon ("distance-based"; epsilon 0 = exact),
-    where rule(base) is the base's choice under the decoding rule (``bpd_sr.rules``).
-    """
-    if top_t is not None:
-        top = base_logits.topk(top_t, dim=-1).indices  # (b, m, t)
-        return (top == proposals[..., None]).any(-1)
-    return distance_test(proposals, apply_rule(base_logits, rule), epsilon)
-
-
-def distance_test(proposals: torch.Tensor, choice: torch.Tensor, epsilon: int) -> torch.Tensor:
-    """|proposal - base's choice| <= epsilon; proposals, choice long (b, m) -> bool (b, m)."""
-    return (proposals - choice).abs() <= epsilon
-
-
-def speculative_accept(
-    proposals: torch.Tensor, p: torch.Tensor, q: torch.Tensor, u: torch.Tensor
-) -> torch.Tensor:
-    """The rejection rule of speculative sampling: keep x ~ q with probability min(1, p(x)/q(x)).
-
-    proposals: long (b, m); p, q: (b, m, 256) base and proposal distributions at the same
-    targets; u: uniform (b, m). Returns bool (b, m).
-    """
-    px = p.gather(-1, proposals[..., None])[..., 0]
-    qx = q.gather(-1, proposals[..., None])[..., 0]
-    return u * qx < px  # u < p/q without dividing by a q that underflowed to 0
-
-
-def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """norm(max(0, p - q)) (..., 256); where p == q to rounding, p itself."""
-    r = (p - q).clamp(min=0)
-    total = r.sum(-1, keepdim=True)
-    return torch.where(total > 1e-12, r / total.clamp(min=1e-300), p)
-
-
-def rule_proposer(rule: str = DEFAULT_RULE) -> Proposer:
-    """The paper's proposer under a decoding rule: each slot's rule value (argmax in the
-    paper). (b, k, 256) slot logits -> (b, k)."""
-    check_rule(rule)
-
-    def propose(rows: torch.Tensor, next_pos: torch.Tensor, slot_logits: torch.Tensor):
-        return apply_rule(slot_logits, rule)
-
-    return propose
-
-
 @dataclass
 class _Batch:
     """The live part of a blockwise decode: images that are not finished yet.
@@ -230,7 +181,7 @@ class _Batch:
     n_host: list[int]
 
     def layout(self, offset: int) -> Layout:
-        """The decoder call's layout (``bpd_sr.cache``) when every row is fed at n + offset:
+        """The decoder call's layout (``bpd_sr.model.cache``) when every row is fed at n + offset:
         a lone image's position is known; the rows of a batch sit at their own positions."""
         if _PROBE_LAYOUT:
             return None
@@ -248,7 +199,7 @@ _PROBE_LAYOUT = False
 @contextmanager
 def probing_layout():
     """Decode as if the loop did not know its layout on the host: 3-4 host-device syncs per
-    step instead of one. Same outputs; for measuring the syncs' cost (``bench.decode_grid``)."""
+    step instead of one. Same outputs; for measuring the syncs' cost (``bpd_sr.evaluation.speed.decode_grid``)."""
     global _PROBE_LAYOUT
     _PROBE_LAYOUT = True
     try:
@@ -274,10 +225,9 @@ def blockwise_parallel_decode(
 ) -> DecodeResult:
     """Blockwise parallel decoding of a batch of low-res images.
 
-    lr: uint8 (B, 8, 8, 3). k: proposals per step, 1 <= k <= model.cfg.k (default: all), or
-    "auto": the fastest k at this batch size for this rule, measured (``bpd_sr.autok``),
-    which may be plain sequential decoding (``sample_decode``) when no k pays.
-    rule: the decoding rule (``bpd_sr.rules``): it gives the proposals (each slot's rule
+    lr: uint8 (B, 8, 8, 3). k: proposals per step, 1 <= k <= model.cfg.k (default: all); the
+    fastest k measured for a batch and rule is ``bpd_sr.decoding.autok.auto_decode``.
+    rule: the decoding rule (``bpd_sr.decoding.rules``): it gives the proposals (each slot's rule
     value, unless ``proposer`` is given) and the base's choice each proposal is tested
     against. epsilon / top_t: the acceptance test (``acceptance_test``). min_block: accept at
     least this many tokens per step even if they fail the test (section 5.3).
@@ -295,14 +245,7 @@ def blockwise_parallel_decode(
     n_tokens: decode only the first n tokens (the rest stay 0; for tests).
     """
     if k == "auto":
-        from .autok import choose_k
-
-        extra = {} if proposer is None else {"proposer": proposer}
-        k = choose_k(model, lr, epsilon=epsilon, top_t=top_t, min_block=min_block, rule=rule,
-                     refine=refine, temperature=temperature, **extra).k
-        if k == 1:
-            return sample_decode(model, lr, temperature, generator, n_tokens, rule=rule)
-        min_block = min(min_block, k)
+        raise ValueError('k="auto" is measured by bpd_sr.decoding.autok.auto_decode')
     k = model.cfg.k if k is None else k
     if not isinstance(k, int) or not 1 <= k <= model.cfg.k:
         raise ValueError(f"k must be in 1..{model.cfg.k} for this model, got {k}")
@@ -444,31 +387,3 @@ class _Record:
         return _result(self.tokens, self.step_of, self.acc, self.n_steps.tolist(), calls, t0)
 
 
-def refine_from_verify(
-    proposals: torch.Tensor, old_proposals: torch.Tensor, choice: torch.Tensor,
-    n_ok: torch.Tensor, max_miss: int,
-) -> torch.Tensor:
-    """Proposals for the next step refined by the verify pass that just ran (no model call).
-
-    The verify pass fed old proposal j at position n + 1 + j and computed the base's choice
-    for every target after it. After accepting proposals 0..n_ok, the next step's slot i
-    (i >= 1) targets the same position as old base prediction n_ok + i. That prediction was
-    made after the first rejected proposal, old n_ok + 1; when that proposal missed the base's
-    choice by at most ``max_miss`` levels, the prefix it saw is close to the true one and its
-    prediction is a Jacobi-iteration guess, often better than the head's (README, "Levers").
-
-    proposals: long (b, k) from the heads; old_proposals: long (b, k) this step's; choice:
-    long (b, k) the base's choice (its rule applied to the verify pass's logits) for old
-    target n + 1 + j; n_ok: long (b,). Returns long (b, k).
-    Slot 0 (the base's own token) is never changed, so exactness is kept.
-    """
-    b, k = proposals.shape
-    sel = torch.arange(b, device=proposals.device)
-    first_rejected = (n_ok + 1).clamp(max=k - 1)
-    miss = (old_proposals[sel, first_rejected] - choice[sel, n_ok]).abs()
-    usable = (n_ok < k - 1) & (miss <= max_miss)  # (b,)
-    slot = torch.arange(k, device=proposals.device)
-    j = n_ok[:, None] + slot  # (b, k): old index of new slot i
-    from_verify = (slot >= 1) & (j < k) & usable[:, None]
-    guess = choice.gather(1, j.clamp(max=k - 1))
-    return torch.where(from_verify, guess, proposals)

@@ -3,7 +3,7 @@
 Drawn with Pillow (text, colour bar), so that ``upscale`` does not pay matplotlib's import:
 colour maps are small anchor tables (9 colours sampled from matplotlib's viridis and magma
 at 0, 1/8, ..., 1) linearly interpolated, close enough to the originals for heatmaps. The
-maps come from a ``DecodeResult`` (see ``bpd_sr.decoding``): ``accepted`` (steps,) and
+maps come from a ``DecodeResult`` (see ``bpd_sr.decoding.loop``): ``accepted`` (steps,) and
 ``step_index`` (32, 32, 3) of one image.
 """
 

@@ -3,7 +3,7 @@
 Each face's input is its 4x4 area mean (``tokens.downsample``). Rows: bicubic, Lanczos, the
 conditioning net alone (the expected intensity of its logits: a regression baseline),
 sequential decoding and blockwise decoding for each (k, epsilon) and decoding rule, and
-sampling at the given temperatures. Metrics: ``bpd_sr.metrics.quality``.
+sampling at the given temperatures. Metrics: ``bpd_sr.evaluation.metrics.quality``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import DEFAULT_RULE
-from .decoding import blockwise_parallel_decode, sample_decode, tokens_per_step
-from .metrics import quality, upscale_bicubic, upscale_lanczos
-from .model import ImageTransformer
-from .tokens import downsample
+from bpd_sr.config import DEFAULT_RULE
+from bpd_sr.decoding.loop import blockwise_parallel_decode, sample_decode, tokens_per_step
+from bpd_sr.evaluation.metrics import quality, upscale_bicubic, upscale_lanczos
+from bpd_sr.model.tokens import downsample
+from bpd_sr.model.transformer import ImageTransformer
 
 
 def summary(q: dict, bicubic: dict) -> dict:
@@ -84,7 +84,7 @@ def baseline_rows(model: ImageTransformer, hr: torch.Tensor, batch_size: int) ->
     rows = [{"method": "bicubic", **summary(bicubic, bicubic)},
             {"method": "lanczos", **summary(quality(upscale_lanczos(lr.numpy()), ref), bicubic)}]
     if model.cond is not None:
-        from .condfit import conditioning_images
+        from bpd_sr.training.condfit import conditioning_images
 
         cond = conditioning_images(model.cond, lr, batch_size).numpy()
         rows.append({"method": "cond net (mean)", **summary(quality(cond, ref), bicubic)})

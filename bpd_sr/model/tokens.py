@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import CHANNELS, HR_SIZE, LR_SIZE, N_HR_TOKENS, N_INTENSITIES, SCALE
+from bpd_sr.config import CHANNELS, HR_SIZE, LR_SIZE, N_HR_TOKENS, N_INTENSITIES, SCALE
 
 # The decoder's input vocabulary: intensity v of channel c is c*256 + v; BOS follows them.
 BOS = CHANNELS * N_INTENSITIES  # 768

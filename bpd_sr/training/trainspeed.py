@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_atomic
-from .quiet import quiet_stderr
+from bpd_sr.io.atomic import write_atomic
+from bpd_sr.quiet import quiet_stderr
 
 COMPILE_MODES = ("auto", "on", "off")
 MIN_MINUTES_TO_COMPILE = 3.0  # compiling the step takes about a minute; below this it cannot pay

@@ -13,7 +13,7 @@ nets were not trained on, under teacher forcing (every target sees the true ones
 by one of two objectives:
 
 - ``"mse"``: the squared error of the expected intensity, which is what the default "mean"
-  rule (``bpd_sr.rules``) writes, so what PSNR measures;
+  rule (``bpd_sr.decoding.rules``) writes, so what PSNR measures;
 - ``"nll"``: the likelihood of the true intensity (bits per dimension).
 
 Only the decoder's first slot (the base model) is read; the fitted weights then apply to
@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import CHANNELS
-from .model import ImageTransformer
-from .rules import expected_intensity
-from .tokens import downsample, image_to_tokens, shift_right
+from bpd_sr.config import CHANNELS
+from bpd_sr.decoding.rules import expected_intensity
+from bpd_sr.model.tokens import downsample, image_to_tokens, shift_right
+from bpd_sr.model.transformer import ImageTransformer
 
 OBJECTIVES = ("mse", "nll")
 
@@ -143,7 +143,7 @@ def decode_faces(model: ImageTransformer, hr: torch.Tensor, k: int, epsilon: int
                  batch_size: int = 64, progress: bool = False) -> torch.Tensor:
     """The package's blockwise decode (mean rule) of faces hr uint8 (N, 32, 32, 3) from their
     8x8 versions -> uint8 (N, 32, 32, 3)."""
-    from .decoding import blockwise_parallel_decode
+    from bpd_sr.decoding.loop import blockwise_parallel_decode
 
     out = []
     for s in tqdm(range(0, len(hr), batch_size), desc=f"decode k={k} epsilon={epsilon}",
@@ -160,7 +160,7 @@ def fit_rounds(model: ImageTransformer, hr: torch.Tensor, objective: str = "mse"
     decode's output as the prefix), ``rounds`` times: decode, fit, decode again. Keeps the
     mixture whose decode had the best PSNR on these faces (the model's own included) and
     returns the model with it, and one log entry per decode."""
-    from .metrics import quality
+    from bpd_sr.evaluation.metrics import quality
 
     log: list[dict] = []
     best = None

@@ -9,7 +9,7 @@ model is mostly per-operation overhead:
 - the weights are read straight from the parameters (``DecoderWeights``, gathered once per
   model), with no ``nn.Module.__call__``, hooks or dropout layers per step;
 - the head-major ``KVCache`` hands the attention its window as a view where the rows share
-  positions, with a mask made once and reused (see ``bpd_sr.cache``);
+  positions, with a mask made once and reused (see ``bpd_sr.model.cache``);
 - the position embeddings and conditioning logits of rows that share positions are slices
   of the encoder context instead of flat gathers.
 
@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .cache import GATHERED, KVCache, Layout, StepPlan
+from bpd_sr.model.cache import GATHERED, KVCache, Layout, StepPlan
 
 
 class LayerWeights(NamedTuple):
@@ -127,13 +127,13 @@ def decoder_step(model, ctx, inputs: torch.Tensor, pos: torch.Tensor, cache: KVC
 
     inputs: long (b, T) vocabulary ids of the token before each position; pos: long (b, T)
     contiguous positions of each row; rows: long (b,) the cache row of each batch row;
-    layout: what the caller knows of rows and pos on the host (``bpd_sr.cache.Layout``)."""
+    layout: what the caller knows of rows and pos on the host (``bpd_sr.model.cache.Layout``)."""
     if model.training and model.cfg.dropout > 0:
         raise RuntimeError("incremental decoding runs without dropout: call model.eval() first")
     w = decoder_weights(model)
     plan = cache.plan(rows, pos, layout)
     x = input_embeddings(model, ctx, inputs, pos, plan.p0 if plan.shared else None)
-    compiled = model.__dict__.get("_compiled_step")  # bpd_sr.compiled.compile_decoder
+    compiled = model.__dict__.get("_compiled_step")  # bpd_sr.decoding.compiled.compile_decoder
     if compiled is not None and plan.shared:
         return compiled.decoder(x, ctx.cross_kv, cache, plan)
     return decoder_layers(w, x, ctx.cross_kv, cache, plan)
@@ -152,7 +152,7 @@ def slot_logits(model, ctx, h: torch.Tensor, pos: torch.Tensor, n_slots: int,
     else:
         p0 = _shared_rows(pos) if layout is None else layout[1]
     shared = p0 is not None and p0 + n_slots <= cond_all.shape[1] and ctx.rows is None
-    compiled = model.__dict__.get("_compiled_step")  # bpd_sr.compiled.compile_decoder
+    compiled = model.__dict__.get("_compiled_step")  # bpd_sr.decoding.compiled.compile_decoder
     if shared and compiled is not None:
         # h copied to fresh strides: the compiled graph is specialised on them
         h = torch.empty((b, 1, h.shape[-1]), dtype=h.dtype, device=h.device).copy_(h)

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from .atomic import write_atomic
-from .config import ModelConfig, TrainConfig
-from .model import ImageTransformer
+from bpd_sr.config import ModelConfig, TrainConfig
+from bpd_sr.io.atomic import write_atomic
+from bpd_sr.model.transformer import ImageTransformer
 
 DEFAULT_WEIGHTS = "default.pt"
 
@@ -31,7 +31,7 @@ def save_checkpoint(
     path: str | Path, model: ImageTransformer, train_config: TrainConfig | None = None,
     extra: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write a self-describing checkpoint atomically (``bpd_sr.atomic``).
+    """Write a self-describing checkpoint atomically (``bpd_sr.io.atomic``).
 
     dtype: store floating-point weights in this type (bf16 halves a shipped file).
     """
@@ -151,7 +151,7 @@ def load_pretrained(
     thread policy (``bpd_sr.threads``): by default one thread (or ``$BPD_SR_THREADS``);
     0 leaves PyTorch's setting alone.
     """
-    from .threads import apply
+    from bpd_sr.threads import apply
 
     apply(threads)
     return model_from_checkpoint(checkpoint or default_weights_path(), device)

@@ -1,7 +1,7 @@
 """Face datasets for 8x8 -> 32x32 super-resolution.
 
 Every dataset here yields the 32x32 *target*: a uint8 tensor (32, 32, 3), RGB. The 8x8 model
-input is made from it by the trainer with ``bpd_sr.tokens.downsample`` (a 4x4 area mean).
+input is made from it by the trainer with ``bpd_sr.model.tokens.downsample`` (a 4x4 area mean).
 
 Crop protocol (tensor2tensor ``Img2imgCeleba``, the problem used by both the Image Transformer,
 Parmar et al. 2018, and blockwise parallel decoding, Stern et al. 2018, section 6; see
@@ -9,8 +9,8 @@ docs/method.md, "Data"): decode the 178x218 aligned CelebA image (``img_align_ce
 crop the 138x138 square box=(left=20, top=40, right=158, bottom=178), i.e. row 40, column 20,
 then area-resize it to 32x32 with ``PIL.Image.resize(..., Image.BOX)``. Aligned images of
 another size (some copies are 89x109) get the same box scaled proportionally:
-89x109 -> (10, 20, 79, 89). The geometry lives in ``bpd_sr.framing`` and files are read by
-``bpd_sr.imageio``, the same code ``upscale`` uses, so training and upscaling see the same
+89x109 -> (10, 20, 79, 89). The geometry lives in ``bpd_sr.io.framing`` and files are read by
+``bpd_sr.io.imageio``, the same code ``upscale`` uses, so training and upscaling see the same
 pixels from the same file.
 
 Sources:
@@ -37,10 +37,10 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .atomic import write_atomic
-from .config import CHANNELS, HR_SIZE
-from .framing import area_resize, frame
-from .imageio import IMAGE_EXTENSIONS, ImageError, is_image_name, list_images, read_image
+from bpd_sr.config import CHANNELS, HR_SIZE
+from bpd_sr.io.atomic import write_atomic
+from bpd_sr.io.framing import area_resize, frame
+from bpd_sr.io.imageio import IMAGE_EXTENSIONS, ImageError, is_image_name, list_images, read_image
 
 __all__ = [
     "CelebAFaces",
@@ -129,7 +129,7 @@ class NpzFaces(Dataset):
 
 
 def _read_face(path: Path, crop: str) -> torch.Tensor:
-    """An image file, framed (``bpd_sr.framing``) and area-resized: uint8 (32, 32, 3).
+    """An image file, framed (``bpd_sr.io.framing``) and area-resized: uint8 (32, 32, 3).
     DataError (one line) when it cannot be read."""
     try:
         img = read_image(path)
@@ -141,8 +141,8 @@ def _read_face(path: Path, crop: str) -> torch.Tensor:
 class FolderFaces(Dataset):
     """A folder of face images of any size and mode: item i is uint8 (32, 32, 3).
 
-    Each image is read by ``bpd_sr.imageio.read_image`` (RGBA composited on white, EXIF
-    rotation applied), framed as ``upscale`` frames it (``bpd_sr.framing``, crop "auto"), and
+    Each image is read by ``bpd_sr.io.imageio.read_image`` (RGBA composited on white, EXIF
+    rotation applied), framed as ``upscale`` frames it (``bpd_sr.io.framing``, crop "auto"), and
     area-resized (Image.BOX) to 32x32. Files are those with an image extension
     (``imageio.IMAGE_EXTENSIONS``, any case), sorted by path; hidden ones skipped.
     """
@@ -305,7 +305,7 @@ def load_faces(
 
 
 def write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez_compressed, atomically (``bpd_sr.atomic``)."""
+    """np.savez_compressed, atomically (``bpd_sr.io.atomic``)."""
     # a file object: savez would append .npz to a name
     write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
 

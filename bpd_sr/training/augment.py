@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from .config import HR_SIZE
+from bpd_sr.config import HR_SIZE
 
 
 def augment_faces(hr: torch.Tensor, generator: torch.Generator, max_zoom: float = 1.5,

@@ -11,7 +11,7 @@ equal to the decode-time states by the cached == uncached parity of the model), 
 heads are then trained for many epochs on the cached states: a step costs the heads and the
 shared output projection only, two orders of magnitude less than a decoder pass on a CPU.
 
-The decodes are made with a decoding rule (``bpd_sr.rules``; the package default, the
+The decodes are made with a decoding rule (``bpd_sr.decoding.rules``; the package default, the
 expected intensity, unless told otherwise) and the heads learn that rule's tokens.
 
 Measures (``head_agreement``): per slot, how often its rule value equals the decoded token
@@ -33,14 +33,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .atomic import write_atomic
-from .config import DEFAULT_RULE, N_HR_TOKENS, HeadFitConfig
-from .data import load_faces
-from .model import EncoderContext, ImageTransformer
-from .pretrained import save_checkpoint, warm_start
-from .rules import apply_rule, check_rule, expected_intensity
-from .tokens import downsample, image_to_tokens, shift_right
-from .train import TrainError, distill_targets
+from bpd_sr.config import DEFAULT_RULE, N_HR_TOKENS, HeadFitConfig
+from bpd_sr.decoding.rules import apply_rule, check_rule, expected_intensity
+from bpd_sr.io.atomic import write_atomic
+from bpd_sr.io.data import load_faces
+from bpd_sr.io.pretrained import save_checkpoint, warm_start
+from bpd_sr.model.tokens import downsample, image_to_tokens, shift_right
+from bpd_sr.model.transformer import EncoderContext, ImageTransformer
+from bpd_sr.training.distill import distill_targets
+from bpd_sr.training.train import TrainError
 
 
 @dataclass

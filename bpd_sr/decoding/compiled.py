@@ -1,7 +1,7 @@
 """An opt-in compiled decoder step (``torch.compile``, Inductor, CPU or GPU).
 
 ``compile_decoder(model)`` makes every decode of ``model`` (sequential, blockwise, sampling)
-run the steps whose rows share positions (see ``bpd_sr.cache``) through one compiled graph per
+run the steps whose rows share positions (see ``bpd_sr.model.cache``) through one compiled graph per
 (batch, tokens) shape: the decoder layers, and the output layer with the proposal heads.
 Inductor freezes the weights (prepacked matrix products) and, with ``max_autotune``, picks
 its own matrix-product kernels, which is what makes a step over k tokens cost little more than
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache, StepPlan
-from .step import decoder_weights
+from bpd_sr.model.cache import KVCache, StepPlan
+from bpd_sr.model.step import decoder_weights
 
 OPTIONS = {"freezing": True, "max_autotune": True, "triton.cudagraphs": False}
 
@@ -165,7 +165,7 @@ def warm_up(model, batch: int, ks=(1,)) -> float:
     """Compile (or load from Inductor's cache) the graphs a decode at this batch size with
     these k will run: a step over 1 token and over each k, the base logits and the k proposal
     slots. Returns the seconds it took."""
-    from .tokens import BOS
+    from bpd_sr.model.tokens import BOS
 
     t0 = time.perf_counter()
     dev = next(model.parameters()).device

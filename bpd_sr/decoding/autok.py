@@ -34,6 +34,10 @@ from pathlib import Path
 
 import torch
 
+from bpd_sr.config import DEFAULT_RULE, N_HR_TOKENS
+from bpd_sr.decoding.loop import DecodeResult, blockwise_parallel_decode, sample_decode
+from bpd_sr.timing import median_seconds
+
 CANDIDATES = (1, 2, 4, 6, 8, 10)
 CALIBRATION_TOKENS = 256  # tokens of up to 2 images decoded to measure acceptance
 TIMING_STEPS = 5  # steps timed per candidate and round
@@ -69,8 +73,6 @@ def pick(seconds_per_step: dict[int, float], tokens_per_step: dict[int, float],
 
 
 def _decode(model, lr, k: int, n_tokens: int, rule: dict):
-    from .decoding import blockwise_parallel_decode, sample_decode
-
     if k == 1:
         return sample_decode(model, lr, rule.get("temperature", 0.0), _generator(rule),
                              n_tokens=n_tokens, **_sequential_rule(rule))
@@ -100,7 +102,7 @@ def _seconds_per_step(model, lr: torch.Tensor, k: int, rule: dict) -> float:
     the last. Rows of a blockwise decode of several images soon sit at different positions
     (their images accept different lengths), which costs a gather instead of a view: so they
     do here too. The loop's own bookkeeping is left out (the margin covers it)."""
-    from .tokens import previous_token_inputs
+    from bpd_sr.model.tokens import previous_token_inputs
 
     b, dev = lr.shape[0], next(model.parameters()).device
     ctx, cache = model.encode(lr.to(dev)), model.new_cache(b)
@@ -110,17 +112,14 @@ def _seconds_per_step(model, lr: torch.Tensor, k: int, rule: dict) -> float:
     inputs = previous_token_inputs(torch.full_like(pos, 7), pos)
     n_slots = min(model.cfg.k, max(k, 1))
 
-    def steps() -> float:
-        t0 = time.perf_counter()
-        for _ in range(TIMING_STEPS):
-            h = model.decoder_hidden(ctx, inputs, pos, cache, rows)
-            model.logits(ctx, h, pos, 1)
-            if k > 1:
-                model.logits(ctx, h[:, -1:], pos[:, -1:], n_slots)
-        return (time.perf_counter() - t0) / TIMING_STEPS
+    def step() -> None:
+        h = model.decoder_hidden(ctx, inputs, pos, cache, rows)
+        model.logits(ctx, h, pos, 1)
+        if k > 1:
+            model.logits(ctx, h[:, -1:], pos[:, -1:], n_slots)
 
-    steps()  # warm
-    return steps()
+    step()  # warm
+    return median_seconds(step, TIMING_STEPS)
 
 
 def _timed(model, lr: torch.Tensor, ks, rule: dict) -> dict[int, float]:
@@ -186,7 +185,7 @@ def _load(key: str, candidates: list[int]) -> AutoK | None:
 def _save(key: str, choice: AutoK) -> None:
     """Add the choice to the cache file, atomically; whatever else in it is not a valid entry
     is dropped, so a corrupt file is rewritten whole."""
-    from .atomic import write_atomic
+    from bpd_sr.io.atomic import write_atomic
 
     path = _cache_file()
     if path is None:
@@ -233,4 +232,18 @@ def choose_k(model, lr: torch.Tensor, candidates=CANDIDATES, **rule) -> AutoK:
     return choice
 
 
-__all__ = ["AutoK", "CANDIDATES", "choose_k", "expected_tokens", "pick"]
+def auto_decode(model, lr: torch.Tensor, generator: torch.Generator | None = None,
+                n_tokens: int = N_HR_TOKENS, **rule) -> DecodeResult:
+    """Decode ``lr`` (uint8 (B, 8, 8, 3)) with the k that ``choose_k`` measures for this batch
+    size and acceptance rule (``blockwise_parallel_decode``'s keywords): blockwise with that
+    k, or sequential decoding when no k pays."""
+    k = choose_k(model, lr, **rule).k
+    if k == 1:
+        return sample_decode(model, lr, rule.get("temperature", 0.0), generator, n_tokens,
+                             rule=rule.get("rule", DEFAULT_RULE))
+    rule["min_block"] = min(rule.get("min_block", 1), k)
+    return blockwise_parallel_decode(model, lr, k=k, generator=generator, n_tokens=n_tokens,
+                                     **rule)
+
+
+__all__ = ["AutoK", "CANDIDATES", "auto_decode", "choose_k", "expected_tokens", "pick"]

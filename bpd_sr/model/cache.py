@@ -99,7 +99,7 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         # rounded up so that caches of slightly different lengths share their strides, which
-        # a compiled step (bpd_sr.compiled) is specialised on
+        # a compiled step (bpd_sr.decoding.compiled) is specialised on
         self.stored_len = -(-(max_len + 2 * attn_block) // 512) * 512
         shape = (n_layer, 2, batch, n_head, self.stored_len, head_dim)
         self.data = torch.zeros(shape, dtype=dtype, device=device)  # all layers in one tensor

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .imageio import is_own_output
+from bpd_sr.io.imageio import is_own_output
 
 
 @dataclass

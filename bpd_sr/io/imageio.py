@@ -3,7 +3,7 @@
 
 Input policy: whatever the file holds (RGBA, grayscale, palette, 16-bit, CMYK, EXIF-rotated,
 animated, any size) becomes uint8 RGB (H, W, 3). The model takes 8x8, so an image that is not
-8x8 is framed (``bpd_sr.framing``: the training crop for aligned CelebA photos, the centre
+8x8 is framed (``bpd_sr.io.framing``: the training crop for aligned CelebA photos, the centre
 square otherwise) and area-resized (PIL ``Image.BOX``) to 8x8, with a one-line notice saying
 so. Transparent pixels are composited over white. Embedded ICC profiles are ignored: values
 are taken as sRGB. Of an animated image, the first frame is used.
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from .atomic import write_atomic
-from .config import HR_SIZE, LR_SIZE
-from .framing import area_resize, frame
+from bpd_sr.config import HR_SIZE, LR_SIZE
+from bpd_sr.io.atomic import write_atomic
+from bpd_sr.io.framing import area_resize, frame
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -167,7 +167,7 @@ def _check_rgb(img: np.ndarray, name: str = "img") -> None:
 def to_model_input(img: np.ndarray, crop: str = "auto") -> tuple[np.ndarray, str | None]:
     """uint8 (H, W, 3) -> (uint8 (8, 8, 3), notice).
 
-    The policy for inputs that are not 8x8: frame (``bpd_sr.framing``, ``crop`` auto, celeba
+    The policy for inputs that are not 8x8: frame (``bpd_sr.io.framing``, ``crop`` auto, celeba
     or centre), then area resize to 8x8. ``notice`` is one line describing what was done, or
     None when the input was already 8x8. Sizes in the notice are width x height, as image
     viewers show them. Raises ImageError for ``crop="celeba"`` on an image of another shape.
@@ -305,7 +305,7 @@ def find_images(paths: list[str | os.PathLike], recursive: bool = False) -> Foun
 
 
 def write_image_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Write uint8 (H, W, 3) to ``path`` atomically (``bpd_sr.atomic``); the format follows
+    """Write uint8 (H, W, 3) to ``path`` atomically (``bpd_sr.io.atomic``); the format follows
     the extension, and an unknown or missing one writes PNG. A PNG carries the text
     ``Software: bpd-sr``. On failure nothing is left behind and ImageError is raised (e.g.
     "cannot write out/x.png: Permission denied").

@@ -11,7 +11,7 @@ of the model untouched:
     loss = cross-entropy of its logits against the true intensity
          + value_loss_weight * Huber(expected intensity, true intensity; transition 2 levels)
 
-The second term fits what the default decoding rule ("mean", ``bpd_sr.rules``) reads from
+The second term fits what the default decoding rule ("mean", ``bpd_sr.decoding.rules``) reads from
 the logits. Checkpoints (the whole model, with the new net) are written atomically every
 ``ckpt_minutes``; a killed run resumes from ``out/last.pt`` bit for bit in its schedule.
 """
@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .augment import augment_faces
-from .data import load_faces
-from .model import ConditioningNet
-from .pretrained import load_checkpoint, save_checkpoint, warm_start
-from .rules import apply_rule, expected_intensity
-from .tokens import downsample, image_to_tokens, tokens_to_image
+from bpd_sr.decoding.rules import apply_rule, expected_intensity
+from bpd_sr.io.data import load_faces
+from bpd_sr.io.pretrained import load_checkpoint, save_checkpoint, warm_start
+from bpd_sr.model.conditioning import ConditioningNet
+from bpd_sr.model.tokens import downsample, image_to_tokens, tokens_to_image
+from bpd_sr.training.augment import augment_faces
 
 
 class CondFitError(ValueError):
@@ -62,7 +62,7 @@ class CondFitConfig:
     # true intensity for sigma with mu held fixed; no 256-level table, so several times
     # cheaper per face (module docstring)
     objective: str = "ce"
-    # framing augmentation (bpd_sr.augment): zoom-out up to this factor, shifts up to this
+    # framing augmentation (bpd_sr.training.augment): zoom-out up to this factor, shifts up to this
     # many pixels, flips; 1.0 / 0.0 keep the training crop as it is (flips stay)
     max_zoom: float = 1.5
     max_shift: float = 2.0
@@ -132,7 +132,7 @@ def conditioning_images(net: ConditioningNet, lr: torch.Tensor, batch_size: int 
 def conditioning_psnr(net: ConditioningNet, hr: torch.Tensor, batch_size: int = 64) -> dict:
     """PSNR / bits per dimension of the net's expected-intensity image on faces hr uint8
     (N, 32, 32, 3)."""
-    from .metrics import quality
+    from bpd_sr.evaluation.metrics import quality
 
     net.eval()
     nll = 0.0

@@ -1,0 +1,40 @@
+"""`bpd-sr prepare-celeba` and `bpd-sr export`: data sets and checkpoints."""
+
+from __future__ import annotations
+
+import click
+
+from bpd_sr.cli.common import _writable_file, main, one_line_errors
+
+
+@main.command("prepare-celeba")
+@click.argument("root", type=click.Path())
+@click.argument("out_dir", type=click.Path())
+@click.option("--split", type=click.Choice(["train", "valid", "test", "all"]), default="all",
+              show_default=True)
+@click.option("--shard-size", type=int, default=20000, show_default=True)
+@click.option("--quiet", is_flag=True)
+@one_line_errors
+def prepare_celeba_command(root: str, out_dir: str, split: str, shard_size: int, quiet: bool) -> None:
+    """Turn a CelebA download (img_align_celeba/) into npz shards of 32x32 faces."""
+    from bpd_sr.io.data import prepare_celeba
+
+    paths = prepare_celeba(root, out_dir, split=split, shard_size=shard_size, progress=not quiet)
+    click.echo(f"wrote {len(paths)} shard(s) to {out_dir}")
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("dest", type=click.Path())
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
+@one_line_errors
+def export_command(checkpoint: str, dest: str, dtype: str) -> None:
+    """Write an inference-only copy of a training checkpoint (no optimizer state)."""
+    import torch
+
+    from bpd_sr.io.pretrained import export_weights
+
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    _writable_file(dest, "DEST")
+    path = export_weights(checkpoint, dest, dt)
+    click.echo(f"wrote {path}")

@@ -1,0 +1,1 @@
+"""Files: images, framing, face data sets, output names, checkpoints and atomic writes."""
