@@ -7,6 +7,7 @@ from bpd_sr.decoding.loop import (
     blockwise_parallel_decode,
     greedy_decode,
     sample_decode,
+    sequential_decode,
 )
 from bpd_sr.decoding.rules import DEFAULT_RULE, RULES, apply_rule
 from bpd_sr.model.transformer import ImageTransformer
@@ -27,6 +28,7 @@ __all__ = [
     "greedy_decode",
     "load_pretrained",
     "sample_decode",
+    "sequential_decode",
 ]
 
 

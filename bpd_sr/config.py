@@ -219,3 +219,44 @@ class HeadFitConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HeadFitConfig:
         return _from_dict(cls, d)
+
+
+@dataclass
+class CondFitConfig:
+    """One conditioning-net run (``bpd-sr fit-cond``, ``bpd_sr.training.condfit``); saved in
+    its checkpoints."""
+
+    data: str = ""
+    init: str = ""  # the model whose conditioning net is replaced (the rest is kept as is)
+    width: int = 96
+    blocks: int = 6
+    up_width: int = 0  # channels of the upsampling path; 0 = width
+    head: str = "gaussian"  # "gaussian": mu and sigma per colour; "logits": 256 free logits
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 1e-4
+    value_loss_weight: float = 0.05
+    # "ce": the cross-entropy of the 256-level logits (+ the value loss above);
+    # "regression" (gaussian head): squared error of mu, and the Gaussian likelihood of the
+    # true intensity for sigma with mu held fixed; no 256-level table, so several times
+    # cheaper per face (module docstring)
+    objective: str = "ce"
+    # framing augmentation (bpd_sr.training.augment): zoom-out up to this factor, shifts up to this
+    # many pixels, flips; 1.0 / 0.0 keep the training crop as it is (flips stay)
+    max_zoom: float = 1.5
+    max_shift: float = 2.0
+    n_val: int = 256  # held out from the training data to report PSNR; the best is kept
+    eval_every: int = 500
+    ckpt_minutes: float = 3.0
+    seed: int = 0
+    out: str = "runs/cond"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CondFitConfig:
+        return _from_dict(cls, d)
+

@@ -21,8 +21,8 @@ from bpd_sr.decoding.autok import auto_decode
 from bpd_sr.decoding.loop import (
     DecodeResult,
     blockwise_parallel_decode,
-    greedy_decode,
     sample_decode,
+    sequential_decode,
 )
 from bpd_sr.evaluation import viz
 from bpd_sr.io import imageio
@@ -69,7 +69,7 @@ def decode(model: ImageTransformer, lr: torch.Tensor, settings: DecodeSettings,
             blockwise_parallel_decode, k=settings.k)
         return blockwise(model, lr, temperature=settings.temperature, generator=generator)
     if settings.greedy:
-        return greedy_decode(model, lr, rule=settings.rule)
+        return sequential_decode(model, lr, rule=settings.rule)
     blockwise = auto_decode if settings.k == "auto" else partial(
         blockwise_parallel_decode, k=settings.k)
     return blockwise(model, lr, epsilon=settings.epsilon, rule=settings.rule)

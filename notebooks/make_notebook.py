@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from bpd_sr import blockwise_parallel_decode, greedy_decode, load_pretrained
+from bpd_sr import blockwise_parallel_decode, sequential_decode, load_pretrained
 from bpd_sr.io.imageio import read_image, reference_32
 from bpd_sr.evaluation.metrics import psnr, upscale_bicubic
 from bpd_sr.model.tokens import downsample, image_to_tokens
@@ -67,7 +67,7 @@ t = time.perf_counter()
 decodes = {}
 for rule in RULE_NAMES:
     decodes[rule] = {
-        "sequential": greedy_decode(model, lr, rule=rule),
+        "sequential": sequential_decode(model, lr, rule=rule),
         "exact": blockwise_parallel_decode(model, lr, k=K, epsilon=0, rule=rule),
         "epsilon=2": blockwise_parallel_decode(model, lr, k=K, epsilon=2, rule=rule),
     }
@@ -88,7 +88,7 @@ code("""import copy
 
 m64 = copy.deepcopy(model).double()
 for rule in RULE_NAMES:
-    seq64 = greedy_decode(m64, lr[:1], rule=rule, n_tokens=384)
+    seq64 = sequential_decode(m64, lr[:1], rule=rule, n_tokens=384)
     blk64 = blockwise_parallel_decode(m64, lr[:1], k=K, epsilon=0, rule=rule, n_tokens=384)
     # compare the decoded tokens only: past n_tokens blockwise leaves its look-ahead scratch
     seq_tokens, blk_tokens = (image_to_tokens(r.images)[:, :384] for r in (seq64, blk64))

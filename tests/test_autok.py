@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from bpd_sr import greedy_decode
+from bpd_sr import sequential_decode
 from bpd_sr.decoding import autok
 from bpd_sr.model.tokens import image_to_tokens
 from tests.conftest import random_lr, tiny_model
@@ -40,7 +40,7 @@ def test_auto_decodes_like_the_k_it_chose(monkeypatch, tmp_path):
     res = autok.auto_decode(model, lr, n_tokens=300)
     # exact acceptance: whatever k was chosen, the 300 tokens are the greedy decode's (a
     # blockwise decode may leave its last proposals past n_tokens: compare the 300 only)
-    ref = greedy_decode(model, lr, n_tokens=300)
+    ref = sequential_decode(model, lr, n_tokens=300)
     assert torch.equal(image_to_tokens(res.images)[:, :300], image_to_tokens(ref.images)[:, :300])
 
 

@@ -112,8 +112,10 @@ def test_greedy_refuses_options_it_would_ignore(tmp_path, tiny_ckpt):
     for extra in (("--k", "4"), ("--epsilon", "9"), ("--epsilon", "2")):
         res = run("upscale", src, "--checkpoint", tiny_ckpt, "--greedy", *extra)
         assert res.exit_code == 2 and "do not apply" in res.output, res.output
-    res = run("upscale", src, "--checkpoint", tiny_ckpt, "--greedy")
+    res = run("upscale", src, "--checkpoint", tiny_ckpt, "--greedy")  # the old name still works
     assert res.exit_code == 0 and "sequential, rule mean" in res.output
+    res = run("upscale", src, "--checkpoint", tiny_ckpt, "--sequential", "--k", "4")
+    assert res.exit_code == 2 and "--sequential decodes one token per step" in res.output
 
 
 def test_pictures_are_labelled_and_readable(tmp_path, tiny_ckpt):

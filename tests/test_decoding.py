@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bpd_sr import blockwise_parallel_decode, greedy_decode
+from bpd_sr import blockwise_parallel_decode, sequential_decode
 from bpd_sr.config import N_HR_TOKENS
 from bpd_sr.decoding.acceptance import acceptance_test
 from bpd_sr.decoding.rules import DEFAULT_RULE, RULES, apply_rule
@@ -30,7 +30,7 @@ def greedy_ref(model8, request):
     """Three inputs, the sequential decode of their first N tokens under one decoding rule,
     and the rule."""
     lr = random_lr(3, seed=5)
-    return lr, greedy_decode(model8, lr, rule=request.param, n_tokens=N), request.param
+    return lr, sequential_decode(model8, lr, rule=request.param, n_tokens=N), request.param
 
 
 def synthetic_faces(n: int, seed: int) -> torch.Tensor:
@@ -92,7 +92,7 @@ def test_exact_blockwise_equals_greedy_to_the_last_token(model8):
     """The whole image: the last steps propose past position 3071 and images finish at
     different steps and leave the batch."""
     lr = random_lr(3, seed=5)
-    ref = greedy_decode(model8, lr)
+    ref = sequential_decode(model8, lr)
     res = blockwise_parallel_decode(model8, lr, k=8)
     assert torch.equal(res.images, ref.images)
     check_bookkeeping(res, 8, N_HR_TOKENS)
@@ -102,7 +102,7 @@ def test_exact_blockwise_equals_greedy_to_the_last_token(model8):
 def test_rules_decode_differently(greedy_ref, model8):
     """The rule reaches the decode: another rule gives another image."""
     lr, ref, rule = greedy_ref
-    other = greedy_decode(model8, lr[:1], rule="argmax" if rule != "argmax" else "mean", n_tokens=N)
+    other = sequential_decode(model8, lr[:1], rule="argmax" if rule != "argmax" else "mean", n_tokens=N)
     assert not torch.equal(other.images, ref.images[:1])
 
 
@@ -159,7 +159,7 @@ def test_exact_blockwise_equals_greedy_trained_heads(trained_model, k):
     lr = downsample(synthetic_faces(3, seed=999))
     # the heads learnt the data's tokens, which a 60-step model decodes by argmax; its
     # expected intensities sit between bands (parity under every rule is tested above)
-    ref = greedy_decode(trained_model, lr, rule="argmax")
+    ref = sequential_decode(trained_model, lr, rule="argmax")
     res = blockwise_parallel_decode(trained_model, lr, k=k, rule="argmax")
     assert torch.equal(res.images, ref.images)
     check_bookkeeping(res, k, N_HR_TOKENS)
@@ -233,11 +233,11 @@ def test_k1_is_greedy_and_argument_checks(model8, greedy_ref):
     with pytest.raises(ValueError):
         blockwise_parallel_decode(model8, lr, k=4, min_block=5)
     with pytest.raises(ValueError):
-        greedy_decode(model8, lr.float())
+        sequential_decode(model8, lr.float())
     with pytest.raises(ValueError, match="epsilon"):
         blockwise_parallel_decode(model8, lr, k=4, epsilon=-1)
     with pytest.raises(ValueError, match="rule"):
-        greedy_decode(model8, lr, rule="mode")
+        sequential_decode(model8, lr, rule="mode")
 
 
 def test_acceptance_test_rules():
@@ -329,7 +329,7 @@ def test_exact_blockwise_in_float32_stays_within_rounding_of_sequential(rule):
     A broken acceptance rule (e.g. comparing with the wrong position) fails this at once."""
     model = tiny_model(k=4, seed=3, dtype=torch.float32)
     lr = random_lr(2, seed=5)
-    ref = greedy_decode(model, lr, rule=rule, n_tokens=768)
+    ref = sequential_decode(model, lr, rule=rule, n_tokens=768)
     res = blockwise_parallel_decode(model, lr, k=4, rule=rule, n_tokens=768)
     same = (res.images == ref.images).flatten(1)[:, : 768]
     assert same.float().mean() >= 0.95, same.float().mean()
@@ -367,7 +367,7 @@ def test_blockwise_decoding_syncs_with_the_host_once_per_step(model8, monkeypatc
 def test_sequential_decoding_does_not_sync_per_token(model8, monkeypatch):
     lr = random_lr(2, seed=8)
     counter = _SyncCounter(monkeypatch)
-    greedy_decode(model8, lr, n_tokens=200)
+    sequential_decode(model8, lr, n_tokens=200)
     counted = counter.n
     monkeypatch.undo()
     assert counted <= 2, counted

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from bpd_sr.cli import main
 from bpd_sr.config import ModelConfig
-from bpd_sr.decoding.loop import blockwise_parallel_decode, greedy_decode
+from bpd_sr.decoding.loop import blockwise_parallel_decode, sequential_decode
 from bpd_sr.io.pretrained import load_checkpoint, load_pretrained, save_checkpoint
 from bpd_sr.model.transformer import ImageTransformer
 from bpd_sr.training.headfit import decode_states, fit_heads, head_agreement
@@ -24,7 +24,7 @@ def decoded():
     lr = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8)
     # argmax: a random tiny model's expected intensities are all near 127 (its distributions
     # are flat), which leaves nothing to learn; the rule's plumbing is tested below
-    return model, lr, greedy_decode(model, lr, rule="argmax").images
+    return model, lr, sequential_decode(model, lr, rule="argmax").images
 
 
 def test_cached_states_give_the_exact_acceptance_of_real_decoding(decoded):
@@ -43,7 +43,7 @@ def test_fit_heads_changes_only_the_heads_and_raises_agreement(decoded):
     model, lr, images = decoded
     model = ImageTransformer(model.cfg)  # float32: fitting runs as it does for real
     model.load_state_dict(decoded[0].state_dict())
-    images = greedy_decode(model, lr, rule="argmax").images
+    images = sequential_decode(model, lr, rule="argmax").images
     data = decode_states(model, lr, images, progress=False)
     before = head_agreement(model, data, rule="argmax")
     frozen = {n: p.clone() for n, p in model.named_parameters() if not n.startswith("heads.")}
@@ -56,7 +56,7 @@ def test_fit_heads_changes_only_the_heads_and_raises_agreement(decoded):
     gain = np.mean(after["agree_exact"][1:]) - np.mean(before["agree_exact"][1:])
     assert gain > 0.01, (before, after)
     assert after["exact_block"] > before["exact_block"]
-    assert torch.equal(greedy_decode(model, lr, rule="argmax").images, images)  # base untouched
+    assert torch.equal(sequential_decode(model, lr, rule="argmax").images, images)  # base untouched
 
 
 def test_mean_rule_agreement_and_value_loss(decoded):
@@ -67,7 +67,7 @@ def test_mean_rule_agreement_and_value_loss(decoded):
     model, lr, _ = decoded
     model = ImageTransformer(model.cfg)
     model.load_state_dict(decoded[0].state_dict())
-    images = greedy_decode(model, lr, rule="mean").images
+    images = sequential_decode(model, lr, rule="mean").images
     data = decode_states(model, lr, images, progress=False)
     assert head_agreement(model, data, rule="mean")["agree_exact"][0] == 1.0
 

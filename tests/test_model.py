@@ -199,12 +199,12 @@ def test_conditioning_logits_of_a_prefix_are_those_of_the_whole_image(head):
 def test_a_short_decode_reads_no_conditioning_logits_past_its_end(monkeypatch):
     """Decoding the first n tokens with the conditioning table cut at n gives the same tokens
     as with the whole table: no slot that is kept reads past n."""
-    from bpd_sr import blockwise_parallel_decode, greedy_decode
+    from bpd_sr import blockwise_parallel_decode, sequential_decode
 
     model, lr = tiny_model(k=4), random_lr(2, seed=4)
 
     def decodes():
-        return [greedy_decode(model, lr, n_tokens=97).images,
+        return [sequential_decode(model, lr, n_tokens=97).images,
                 blockwise_parallel_decode(model, lr, k=4, n_tokens=97).images,
                 blockwise_parallel_decode(model, lr, k=4, epsilon=3, n_tokens=97).images]
 

@@ -12,7 +12,7 @@ import torch
 from scipy.stats import chi2
 
 import bpd_sr.decoding.loop as decoding
-from bpd_sr import blockwise_parallel_decode, greedy_decode, sample_decode
+from bpd_sr import blockwise_parallel_decode, sample_decode, sequential_decode
 from bpd_sr.model.tokens import image_to_tokens, shift_right
 from tests.conftest import random_lr, tiny_model
 
@@ -115,7 +115,7 @@ def test_temperature_zero_is_greedy_and_seeds_reproduce():
     model = tiny_model(k=4, seed=3, dtype=torch.float32)
     lr = random_lr(2, seed=4)
     n = 500  # a prefix: the claims hold token by token, and 3072 only costs time
-    ref = greedy_decode(model, lr, n_tokens=n)
+    ref = sequential_decode(model, lr, n_tokens=n)
     res = blockwise_parallel_decode(model, lr, k=4, temperature=0.0, n_tokens=n)
     assert torch.equal(res.images, ref.images)
 

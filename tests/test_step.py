@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bpd_sr import blockwise_parallel_decode, greedy_decode, load_pretrained
+from bpd_sr import blockwise_parallel_decode, load_pretrained, sequential_decode
 from bpd_sr.config import N_HR_TOKENS
 from bpd_sr.model.cache import FlatKVCache, KVCache
 from bpd_sr.model.tokens import previous_token_inputs
@@ -104,10 +104,10 @@ def test_decodes_equal_the_module_path_bit_for_bit(batch, monkeypatch):
     model = tiny_model(k=4, seed=5)
     lr = random_lr(batch, seed=5)
     with torch.inference_mode():
-        fast = [greedy_decode(model, lr, n_tokens=700),
+        fast = [sequential_decode(model, lr, n_tokens=700),
                 blockwise_parallel_decode(model, lr, k=4, epsilon=2, n_tokens=700)]
         _reference_decoding(model, monkeypatch)
-        ref = [greedy_decode(model, lr, n_tokens=700),
+        ref = [sequential_decode(model, lr, n_tokens=700),
                blockwise_parallel_decode(model, lr, k=4, epsilon=2, n_tokens=700)]
     for a, b in zip(fast, ref, strict=True):
         assert torch.equal(a.images, b.images)

@@ -32,7 +32,7 @@ CROP_HELP = ("How a photo is framed into the model's square. The model learnt fa
 
 
 LEGEND = ("per input: the files written; steps = decoding steps, tokens/step = mean accepted "
-          "block (3072 tokens per image; 1.00 = one token per step, like greedy), model calls "
+          "block (3072 tokens per image; 1.00 = one token per step, like sequential decoding), model calls "
           "= decoder passes, seconds = decoding time")
 
 
@@ -102,7 +102,9 @@ def _first_input(plans, crop: str):
                    "Results). 0 = exact: the algorithm reproduces sequential decoding with the "
                    "same --rule; in float32 a near-tie can still round the other way (measured: "
                    "README, Exactness).")
-@click.option("--greedy", is_flag=True, help="Plain sequential decoding, one token per step (slow).")
+@click.option("--sequential", "--greedy", "greedy", is_flag=True,
+              help="Plain sequential decoding, one token per step (slow); --greedy is its old "
+                   "name.")
 @click.option("--rule", type=click.Choice(RULES), default=DEFAULT_RULE, show_default=True,
               help=RULE_HELP)
 @click.option("--checkpoint", type=click.Path(), default=None,
@@ -147,11 +149,11 @@ def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, ep
     from bpd_sr.upscale import DecodeSettings, upscale_file
 
     if samples is not None and temperature == 0:
-        raise click.UsageError("--samples needs --temperature: greedy and blockwise decoding "
+        raise click.UsageError("--samples needs --temperature: sequential and blockwise decoding "
                                "give one result per input")
     given = click.get_current_context().get_parameter_source
     if greedy and (k is not None or given("epsilon") != click.core.ParameterSource.DEFAULT):
-        raise click.UsageError("--greedy decodes one token per step: --k and --epsilon do "
+        raise click.UsageError("--sequential decodes one token per step: --k and --epsilon do "
                                "not apply")
     # 1. inputs, and the names of every output, before any decoding
     found = imageio.find_images(list(paths), recursive)

@@ -147,7 +147,7 @@ def sample_decode(
     return _result(tokens, step_of, acc, [n_tokens] * b, n_tokens, t0)
 
 
-def greedy_decode(
+def sequential_decode(
     model: ImageTransformer, lr: torch.Tensor, n_tokens: int = N_HR_TOKENS,
     rule: str = DEFAULT_RULE,
 ) -> DecodeResult:
@@ -158,6 +158,11 @@ def greedy_decode(
     lr: uint8 (B, 8, 8, 3). Model calls = 3072.
     """
     return sample_decode(model, lr, temperature=0.0, n_tokens=n_tokens, rule=rule)
+
+
+# the name of earlier versions: it runs the package's decoding rule, which is greedy (argmax)
+# only with rule="argmax"
+greedy_decode = sequential_decode
 
 
 @dataclass
@@ -232,7 +237,7 @@ def blockwise_parallel_decode(
     against. epsilon / top_t: the acceptance test (``acceptance_test``). min_block: accept at
     least this many tokens per step even if they fail the test (section 5.3).
     With epsilon = 0, top_t = None and min_block = 1 the output equals
-    ``greedy_decode(model, lr, rule=rule)`` (in float32 up to rounding across matrix shapes:
+    ``sequential_decode(model, lr, rule=rule)`` (in float32 up to rounding across matrix shapes:
     README, "Exactness").
     refine: after a partial acceptance, take the next proposals from the verify pass itself
     where the first rejected proposal was within ``refine`` levels of the base's choice

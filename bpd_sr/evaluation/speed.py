@@ -21,7 +21,7 @@ from bpd_sr.config import DEFAULT_EPSILON, DEFAULT_RULE
 from bpd_sr.decoding.loop import (
     DecodeResult,
     blockwise_parallel_decode,
-    greedy_decode,
+    sequential_decode,
 )
 from bpd_sr.evaluation.table import _decode
 from bpd_sr.model.tokens import BOS, downsample, previous_token_inputs
@@ -34,7 +34,7 @@ from bpd_sr.training.trainspeed import synchronize
 @torch.inference_mode()
 def step_costs(model: ImageTransformer, ks: Iterable[int], repeats: int = 300,
                position: int = 1500) -> dict:
-    """Seconds of one cached decoding step at batch 1, for each k, and their ratio to a greedy
+    """Seconds of one cached decoding step at batch 1, for each k, and their ratio to a sequential
     step. A step over k tokens is what blockwise decoding runs: the decoder over k new tokens,
     the base logits at all k, and the proposal heads at the one accepted position."""
     lr = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
@@ -52,13 +52,13 @@ def step_costs(model: ImageTransformer, ks: Iterable[int], repeats: int = 300,
         return base
 
     out = {}
-    greedy = None
+    sequential = None
     for k in [1, *[k for k in ks if k != 1]]:
         for _ in range(20):
             step(k)
         sec = median_seconds(lambda k=k: step(k), repeats)
-        greedy = sec if k == 1 else greedy
-        out[k] = {"seconds": sec, "ratio_to_greedy_step": sec / greedy}
+        sequential = sec if k == 1 else sequential
+        out[k] = {"seconds": sec, "ratio_to_sequential_step": sec / sequential}
     return out
 
 
@@ -183,7 +183,7 @@ def seconds_per_image(model, hr: torch.Tensor, batch_sizes=(1, 8, 32, 64), k_fix
             if progress:
                 progress(f"batch {bs}: {name}")
             if kw is None:
-                res = greedy_decode(model, batch, n_tokens=n_tokens)
+                res = sequential_decode(model, batch, n_tokens=n_tokens)
             elif kw == "auto":
                 res = auto_decode(model, batch, n_tokens=n_tokens, **rule)
             else:

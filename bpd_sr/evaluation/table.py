@@ -22,7 +22,7 @@ from bpd_sr.config import DEFAULT_RULE
 from bpd_sr.decoding.loop import (
     DecodeResult,
     blockwise_parallel_decode,
-    greedy_decode,
+    sequential_decode,
     tokens_per_step,
 )
 from bpd_sr.evaluation.metrics import quality, upscale_bicubic, upscale_lanczos
@@ -41,7 +41,7 @@ PAPER_TABLE2 = {
 
 def _decode(model, lr, k: int, epsilon: int, rule: str = DEFAULT_RULE) -> DecodeResult:
     if k == 1:
-        return greedy_decode(model, lr, rule=rule)
+        return sequential_decode(model, lr, rule=rule)
     return blockwise_parallel_decode(model, lr, k=k, epsilon=epsilon, rule=rule)
 
 
@@ -71,7 +71,7 @@ def table(
                  for name, fn in (("bicubic", upscale_bicubic), ("lanczos", upscale_lanczos))}
     for _ in range(warmup):
         blockwise_parallel_decode(model, lr[:1], k=min(2, model.cfg.k), rule=rule)
-        greedy_decode(model, lr[:1], rule=rule)
+        sequential_decode(model, lr[:1], rule=rule)
     configs = list(dict.fromkeys(
         [(1, 0)] + [(k, e) for k in ks for e in epsilons if k <= model.cfg.k]))
     # interleaved: each face is decoded by every configuration in turn, so that load from

@@ -21,64 +21,27 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from bpd_sr.config import CondFitConfig
 from bpd_sr.decoding.rules import apply_rule, expected_intensity
 from bpd_sr.io.data import load_faces
 from bpd_sr.io.pretrained import load_checkpoint, save_checkpoint, warm_start
 from bpd_sr.model.conditioning import ConditioningNet
 from bpd_sr.model.tokens import downsample, image_to_tokens, tokens_to_image
 from bpd_sr.training.augment import augment_faces
+from bpd_sr.training.schedule import step_progress, warmup_cosine
 
 
 class CondFitError(ValueError):
     """A bad setting of a conditioning-net run (one line)."""
 
 
-@dataclass
-class CondFitConfig:
-    """One conditioning-net run; saved in its checkpoints."""
-
-    data: str = ""
-    init: str = ""  # the model whose conditioning net is replaced (the rest is kept as is)
-    width: int = 96
-    blocks: int = 6
-    up_width: int = 0  # channels of the upsampling path; 0 = width
-    head: str = "gaussian"  # "gaussian": mu and sigma per colour; "logits": 256 free logits
-    steps: int = 4000
-    batch_size: int = 32
-    lr: float = 2e-3
-    warmup_steps: int = 100
-    weight_decay: float = 1e-4
-    value_loss_weight: float = 0.05
-    # "ce": the cross-entropy of the 256-level logits (+ the value loss above);
-    # "regression" (gaussian head): squared error of mu, and the Gaussian likelihood of the
-    # true intensity for sigma with mu held fixed; no 256-level table, so several times
-    # cheaper per face (module docstring)
-    objective: str = "ce"
-    # framing augmentation (bpd_sr.training.augment): zoom-out up to this factor, shifts up to this
-    # many pixels, flips; 1.0 / 0.0 keep the training crop as it is (flips stay)
-    max_zoom: float = 1.5
-    max_shift: float = 2.0
-    n_val: int = 256  # held out from the training data to report PSNR; the best is kept
-    eval_every: int = 500
-    ckpt_minutes: float = 3.0
-    seed: int = 0
-    out: str = "runs/cond"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CondFitConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def conditioning_loss(logits: torch.Tensor, targets: torch.Tensor,
@@ -150,13 +113,6 @@ def conditioning_psnr(net: ConditioningNet, hr: torch.Tensor, batch_size: int = 
             "val_bpd": round(nll / hr.numel() / math.log(2), 4)}
 
 
-def _lr_scale(cfg: CondFitConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return max(0.02, 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
-
-
 def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train a new conditioning net for the model in ``cfg.init``; write ``out/cond.pt``
     (the whole model with the new net) and return its path."""
@@ -210,7 +166,8 @@ def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path
                dynamic_ncols=True)
     while step < cfg.steps:
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * _lr_scale(cfg, step)
+            group["lr"] = cfg.lr * warmup_cosine(
+                step, cfg.warmup_steps, step_progress(step, cfg.warmup_steps, cfg.steps), 0.02)
         idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
         hr = augment_faces(train[idx], g, cfg.max_zoom, cfg.max_shift)
         if cfg.objective == "regression":

@@ -27,7 +27,7 @@ def distill_targets(
     so far are saved after every batch (``<cache>.partial.npz``, atomically) and a killed run
     continues where it stopped.
     """
-    from bpd_sr.decoding.loop import greedy_decode
+    from bpd_sr.decoding.loop import sequential_decode
 
     def load(path: Path) -> torch.Tensor | None:
         """Cached decodes made with this rule (older caches without one were argmax)."""
@@ -52,7 +52,7 @@ def distill_targets(
     for s in tqdm(range(start, len(images), batch_size), desc="distillation decodes",
                   disable=not progress, initial=start // batch_size,
                   total=-(-len(images) // batch_size)):
-        done.append(greedy_decode(base, lr_all[s : s + batch_size], rule=rule).images)
+        done.append(sequential_decode(base, lr_all[s : s + batch_size], rule=rule).images)
         write_npz_atomic(partial, images=torch.cat(done).numpy(), rule=np.array(rule))
     decoded = torch.cat(done) if done else images[:0].clone()
     write_npz_atomic(cache_path, images=decoded.numpy(), rule=np.array(rule))

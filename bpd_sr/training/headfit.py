@@ -23,7 +23,6 @@ estimate: the base prediction after an accepted prefix of greedy tokens is the g
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from bpd_sr.io.pretrained import save_checkpoint, warm_start
 from bpd_sr.model.tokens import downsample, image_to_tokens, shift_right
 from bpd_sr.model.transformer import EncoderContext, ImageTransformer
 from bpd_sr.training.distill import distill_targets
+from bpd_sr.training.schedule import step_progress, warmup_cosine
 from bpd_sr.training.train import TrainError
 
 
@@ -194,10 +194,9 @@ def fit_heads(
     t0 = time.perf_counter()
     bar = tqdm(range(steps), desc="fit heads", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        scale = (step + 1) / warmup_steps if step < warmup_steps else \
-            0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
+        scale = warmup_cosine(step, warmup_steps, step_progress(step, warmup_steps, steps), 0.02)
         for group in opt.param_groups:
-            group["lr"] = lr * max(scale, 0.02)
+            group["lr"] = lr * scale
         idx = torch.randint(len(train), (batch_images,), generator=g)
         pos = torch.randint(N_HR_TOKENS, (batch_images, positions), generator=g)
         with torch.autocast("cpu", dtype=torch.bfloat16):

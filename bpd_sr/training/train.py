@@ -23,7 +23,6 @@ a pure function of (seed, step), so a resumed run sees the same batches as an un
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -43,6 +42,7 @@ from bpd_sr.model.tokens import downsample, image_to_tokens
 from bpd_sr.model.transformer import ImageTransformer
 from bpd_sr.training.distill import distill_targets
 from bpd_sr.training.loss import evaluate_heads, sr_loss
+from bpd_sr.training.schedule import warmup_cosine
 from bpd_sr.training.trainspeed import StepFunction, StepProfiler, bf16_native, synchronize
 
 REGIMES = ("base", "regular", "finetune", "distill")
@@ -131,10 +131,8 @@ def _lr_at(cfg: TrainConfig, step: int, seconds: float,
            anchor: tuple[float, int, float] = (0.0, 0, 0.0)) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio over the run. A time-limited run
     measures its progress in time, so the schedule fits whatever the hardware manages."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = schedule_progress(cfg, step, seconds, anchor)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr * warmup_cosine(step, cfg.warmup_steps, progress, cfg.min_lr_ratio)
 
 
 @dataclass

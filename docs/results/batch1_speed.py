@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from bpd_sr import blockwise_parallel_decode, greedy_decode, load_pretrained
+from bpd_sr import blockwise_parallel_decode, load_pretrained, sequential_decode
 from bpd_sr.model.tokens import downsample
 
 torch.set_num_threads(1)
@@ -32,7 +32,7 @@ for _ in range(rounds):
         for name, cfg in configs.items():
             t = time.perf_counter()
             if cfg is None:
-                r = greedy_decode(model, lr[i : i + 1])
+                r = sequential_decode(model, lr[i : i + 1])
             else:
                 r = blockwise_parallel_decode(model, lr[i : i + 1], k=cfg[0], epsilon=cfg[1])
             seconds[name].append(time.perf_counter() - t)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import torch
 
-from bpd_sr import blockwise_parallel_decode, greedy_decode, load_pretrained
+from bpd_sr import blockwise_parallel_decode, load_pretrained, sequential_decode
 from bpd_sr.model.tokens import downsample
 
 os.environ["BPD_SR_CACHE"] = "off"  # calibrate k = "auto" here, not from an earlier run
@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 model = load_pretrained()
 lr = downsample(torch.as_tensor(np.load(sys.argv[1])["images"][:64]))
 runs = {
-    "sequential": lambda: greedy_decode(model, lr),
+    "sequential": lambda: sequential_decode(model, lr),
     "k=8 eps=2": lambda: blockwise_parallel_decode(model, lr, k=8, epsilon=2),
     "k=auto eps=2": lambda: blockwise_parallel_decode(model, lr, k="auto", epsilon=2),
 }

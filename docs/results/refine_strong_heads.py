@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from bpd_sr import blockwise_parallel_decode, greedy_decode
+from bpd_sr import blockwise_parallel_decode, sequential_decode
 from bpd_sr.model.tokens import downsample
 from tests.test_decoding import synthetic_faces, train_on_bands
 
@@ -24,7 +24,7 @@ for batch, steps in [(1, 60), (4, 60)]:  # (1, 60) is the test fixture
     model = train_on_bands(batch, steps, 3e-3)
     seconds = time.perf_counter() - t
     lr = downsample(synthetic_faces(3, seed=999))
-    ref = greedy_decode(model, lr, rule="argmax")
+    ref = sequential_decode(model, lr, rule="argmax")
     for k in (2, 4):
         for refine in (None, 255):
             res = blockwise_parallel_decode(model, lr, k=k, rule="argmax", refine=refine)

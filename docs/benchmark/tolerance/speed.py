@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from bpd_sr import blockwise_parallel_decode, greedy_decode, load_pretrained
+from bpd_sr import blockwise_parallel_decode, load_pretrained, sequential_decode
 from bpd_sr.evaluation.metrics import quality
 from bpd_sr.model.tokens import downsample
 
@@ -36,7 +36,7 @@ for r in range(rounds):
         for name, cfg in configs.items():
             t = time.perf_counter()
             if cfg is None:
-                res = greedy_decode(model, lr[s : s + batch])
+                res = sequential_decode(model, lr[s : s + batch])
             else:
                 res = blockwise_parallel_decode(model, lr[s : s + batch], k=cfg[0], epsilon=cfg[1])
             seconds[name] += time.perf_counter() - t
