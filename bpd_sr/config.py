@@ -231,6 +231,7 @@ class CondFitConfig:
     width: int = 96
     blocks: int = 6
     up_width: int = 0  # channels of the upsampling path; 0 = width
+    keep_net: bool = False  # fine-tune init's own conditioning net instead of a new one
     head: str = "gaussian"  # "gaussian": mu and sigma per colour; "logits": 256 free logits
     steps: int = 4000
     batch_size: int = 32
@@ -247,6 +248,7 @@ class CondFitConfig:
     # many pixels, flips; 1.0 / 0.0 keep the training crop as it is (flips stay)
     max_zoom: float = 1.5
     max_shift: float = 2.0
+    reframed_share: float = 1.0  # the share of faces zoomed and shifted (the rest: flips only)
     n_val: int = 256  # held out from the training data to report PSNR; the best is kept
     eval_every: int = 500
     ckpt_minutes: float = 3.0

@@ -36,3 +36,12 @@ def test_zoom_out_shrinks_the_face_into_a_mirrored_border():
     # its area shrinks by 1 / zoom^2: 2/3 on average for zoom uniform in [1, 1.5]
     assert out.float().mean() < 0.8 * hr.float().mean()
 
+
+
+def test_only_the_reframed_share_is_zoomed_and_shifted():
+    hr = _faces(64)
+    same = augment_faces(hr, torch.Generator().manual_seed(3), flip=False, reframed_share=0.0)
+    assert torch.equal(same, hr)  # nobody reframed, nobody flipped
+    half = augment_faces(hr, torch.Generator().manual_seed(3), flip=False, reframed_share=0.5)
+    kept = (half == hr).flatten(1).all(1).float().mean().item()
+    assert 0.3 < kept < 0.7  # about half keep the training crop

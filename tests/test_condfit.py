@@ -210,3 +210,25 @@ def test_detached_scale_trains_only_the_scale_outputs():
     sigma.sum().backward()
     assert net.stem.weight.grad is None or not net.stem.weight.grad.any()
     assert net.out.weight.grad[3:].abs().sum() > 0 and not net.out.weight.grad[:3].any()
+
+
+def test_fit_cond_can_fine_tune_the_init_net_itself(tmp_path):
+    rng = np.random.default_rng(0)
+    faces = tmp_path / "faces.npz"
+    np.savez(faces, images=rng.integers(30, 220, (10, 32, 32, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    base = ImageTransformer(ModelConfig.preset("tiny", k=2, cond_head="gaussian", cond_blocks=1))
+    init = save_checkpoint(tmp_path / "init.pt", base)
+    args = ["fit-cond", "--data", faces, "--init", init, "--keep-net", "--width", "99",
+            "--batch-size", "4", "--n-val", "2", "--eval-every", "2", "--steps", "2",
+            "--objective", "regression", "--reframed-share", "0.5", "--quiet", "--out",
+            tmp_path / "r"]
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    model = load_pretrained(tmp_path / "r" / "cond.pt")
+    assert model.cfg.cond_channels == base.cfg.cond_channels  # the init's shape, not --width
+    before = base.cond.stem.weight
+    assert model.cond.stem.weight.shape == before.shape
+    # two small steps from the init's weights: close to them, yet moved
+    assert torch.allclose(model.cond.stem.weight, before, atol=0.05)
+    assert not torch.equal(model.cond.stem.weight, before)

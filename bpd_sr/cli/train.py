@@ -171,6 +171,12 @@ def fit_heads_command(quiet: bool, threads: int | None, **kwargs) -> None:
                    "border (teaches framings looser than the training crop; 1: off).")
 @click.option("--max-shift", type=click.FloatRange(0.0, 8.0), default=2.0, show_default=True,
               help="Augmentation: shift each face by up to this many pixels (0: off).")
+@click.option("--reframed-share", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
+              help="Augmentation: the share of faces zoomed and shifted; the rest keep the "
+                   "training crop (flips apply to all).")
+@click.option("--keep-net", is_flag=True,
+              help="Fine-tune --init's own conditioning net (its shape) instead of a new one.")
+@click.option("--warmup-steps", type=click.IntRange(0, None), default=100, show_default=True)
 @click.option("--n-val", type=int, default=256, show_default=True,
               help="Training faces held out to report PSNR of the net alone; the net that did "
                    "best on them is the one written.")

@@ -23,15 +23,20 @@ from bpd_sr.config import HR_SIZE
 
 
 def augment_faces(hr: torch.Tensor, generator: torch.Generator, max_zoom: float = 1.5,
-                  max_shift: float = 2.0, flip: bool = True) -> torch.Tensor:
+                  max_shift: float = 2.0, flip: bool = True, reframed_share: float = 1.0,
+                  ) -> torch.Tensor:
     """uint8 (B, 32, 32, 3) -> uint8 (B, 32, 32, 3), each face framed anew (module
-    docstring). The random draws come from ``generator`` (a CPU generator), so a run is
-    reproducible from its seed."""
+    docstring); only a random ``reframed_share`` of them is zoomed and shifted, the rest keep
+    the training crop (a net that sees only zoomed faces does worse on the training crop).
+    The random draws come from ``generator`` (a CPU generator), so a run is reproducible
+    from its seed."""
     b = hr.shape[0]
     pad = HR_SIZE // 2
     zoom = 1 + (max_zoom - 1) * torch.rand(b, generator=generator)
     shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * max_shift
     do_flip = (torch.rand(b, generator=generator) < 0.5) & flip
+    keep = torch.rand(b, generator=generator) >= reframed_share
+    zoom[keep], shift[keep] = 1.0, 0.0
     x = hr.permute(0, 3, 1, 2)  # (B, 3, 32, 32): torchvision's layout
     padded = TF.pad(x.float(), [pad] * 4, padding_mode="reflect")  # (B, 3, 64, 64)
     out = []

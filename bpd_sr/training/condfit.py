@@ -132,14 +132,19 @@ def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path
         raise CondFitError(f"unknown head {cfg.head!r}; choose gaussian or logits")
     if cfg.objective not in ("ce", "regression"):
         raise CondFitError(f"unknown objective {cfg.objective!r}; choose ce or regression")
+    model, _ = warm_start(cfg.init)
+    if cfg.keep_net:  # fine-tune the init's own net: its shape, not width / blocks / head
+        if model.cond is None:
+            raise CondFitError(f"{cfg.init} has no conditioning net to keep")
+        cfg = replace(cfg, width=model.cfg.cond_channels, blocks=model.cfg.cond_blocks,
+                      head=model.cfg.cond_head, up_width=model.cfg.cond_up_channels)
+    else:
+        model.cfg = replace(model.cfg, cond_channels=cfg.width, cond_blocks=cfg.blocks,
+                            cond_head=cfg.head, cond_up_channels=cfg.up_width)
+        torch.manual_seed(cfg.seed)
+        model.cond = ConditioningNet(cfg.width, cfg.blocks, cfg.head, cfg.up_width)
     if cfg.objective == "regression" and cfg.head != "gaussian":
         raise CondFitError("the regression objective needs the gaussian head")
-
-    model, _ = warm_start(cfg.init)
-    model.cfg = replace(model.cfg, cond_channels=cfg.width, cond_blocks=cfg.blocks,
-                        cond_head=cfg.head, cond_up_channels=cfg.up_width)
-    torch.manual_seed(cfg.seed)
-    model.cond = ConditioningNet(cfg.width, cfg.blocks, cfg.head, cfg.up_width)
     if state is not None:
         model.load_state_dict(state["model"])
     net = model.cond.train()
@@ -169,7 +174,8 @@ def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path
             group["lr"] = cfg.lr * warmup_cosine(
                 step, cfg.warmup_steps, step_progress(step, cfg.warmup_steps, cfg.steps), 0.02)
         idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
-        hr = augment_faces(train[idx], g, cfg.max_zoom, cfg.max_shift)
+        hr = augment_faces(train[idx], g, cfg.max_zoom, cfg.max_shift,
+                           reframed_share=cfg.reframed_share)
         if cfg.objective == "regression":
             loss, stats = regression_loss(
                 *net.gaussian_parameters(downsample(hr), detach_scale=True), hr)
