@@ -39,11 +39,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from bpd_sr import blockwise_parallel_decode, sequential_decode, load_pretrained
-from bpd_sr.io.imageio import read_image, reference_32
+from bpd_sr import blockwise_parallel_decode, load_pretrained, sequential_decode
 from bpd_sr.evaluation.metrics import psnr, upscale_bicubic
-from bpd_sr.model.tokens import downsample, image_to_tokens
 from bpd_sr.evaluation.viz import accepted_length_map, step_map
+from bpd_sr.io.imageio import read_image, reference_32
+from bpd_sr.model.tokens import downsample, image_to_tokens
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # one image decodes fastest on one thread
