@@ -259,86 +259,137 @@ def blockwise_parallel_decode(
     if epsilon < 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}")
     check_rule(rule)
-    sampling = temperature > 0
-    if sampling and (epsilon or top_t is not None or min_block > 1 or proposer is not None):
-        raise ValueError("sampling (temperature > 0) uses its own exact acceptance rule")
-    proposer = proposer or rule_proposer(rule)
+    if temperature > 0:
+        if epsilon or top_t is not None or min_block > 1 or proposer is not None:
+            raise ValueError("sampling (temperature > 0) uses its own exact acceptance rule")
+        acceptor = SpeculativeAcceptor(k, temperature, generator)
+    else:
+        acceptor = RuleAcceptor(k, proposer or rule_proposer(rule), rule, epsilon, top_t,
+                                min_block, refine)
     t0 = time.perf_counter()
     lr, ctx_all, cache = _prepare(model, lr, n_tokens)
     b, dev = lr.shape[0], lr.device
     ar_k = torch.arange(k, device=dev)
     record = _Record(b, k, dev)
+    live, calls = _start(model, ctx_all, cache, acceptor), 1
+    while live.rows.numel() > 0:
+        pos, h, base = _verify(model, live, cache, ar_k)  # 2. verify (one model call)
+        calls += 1
+        n_ok, verdict = acceptor.accept(live, base)  # 3. accept
+        n_acc = torch.minimum(n_ok + 1, n_tokens - live.n)  # (b,), in 1..k
+        record.commit(live, n_acc)  # 4. commit
+        live.n = live.n + n_acc
+        live.n_host = live.n.tolist()  # the step's one host-device sync
+        _propose_next(model, live, h, pos, n_ok, verdict, acceptor, n_tokens)  # 1. propose
+        live = _without_finished(live, ctx_all, n_tokens)
+    return record.result(n_tokens, calls, t0)
 
-    def propose(live: _Batch, slot_logits, first=None):
-        """1. propose: the next k proposals (b, k) and, when sampling, their distributions
-        q (b, k, 256). first: (b,) tokens that replace slot 0 (the residual draws after a
-        rejection)."""
-        if not sampling:
-            return proposer(live.rows, live.n, slot_logits), None
-        q = torch.softmax(slot_logits.double() / temperature, -1)
-        props = _draw(q, generator)
+
+class RuleAcceptor:
+    """Deterministic blockwise decoding (sections 3-5): proposals are each slot's rule value
+    (or ``proposer``'s), and proposal j >= 1 is kept while it passes the test against the
+    base's choice after proposal j - 1 (within ``epsilon`` levels, or among the ``top_t``),
+    at least ``min_block`` tokens a step; the next proposals may be refined from the verify
+    pass (``refine_from_verify``)."""
+
+    def __init__(self, k: int, proposer: Proposer, rule: str, epsilon: int, top_t: int | None,
+                 min_block: int, refine: int | None) -> None:
+        self.k, self.proposer, self.rule = k, proposer, rule
+        self.epsilon, self.top_t, self.min_block, self.refine = epsilon, top_t, min_block, refine
+
+    def propose(self, live: _Batch, slot_logits: torch.Tensor, first=None):
+        """(b, k, 256) slot logits -> (proposals long (b, k), None: no distributions)."""
+        return self.proposer(live.rows, live.n, slot_logits), None
+
+    def accept(self, live: _Batch, base: torch.Tensor):
+        """base logits (b, k, 256) -> (proposals kept after proposal 0, long (b,); the base's
+        choice at every proposed position, long (b, k), which refinement reuses)."""
+        choice = apply_rule(base, self.rule)
+        if self.top_t is not None:
+            ok = acceptance_test(live.proposals[:, 1:], base[:, :-1], top_t=self.top_t)
+        else:
+            ok = distance_test(live.proposals[:, 1:], choice[:, :-1], self.epsilon)
+        n_ok = torch.cumprod(ok.long(), dim=-1).sum(-1)  # longest passing prefix
+        return n_ok.clamp(min=self.min_block - 1, max=self.k - 1), choice
+
+    def first_of_next(self, n_ok: torch.Tensor, choice: torch.Tensor, q: None) -> None:
+        """Slot 0 of the next proposals is the base's own token: nothing to replace."""
+        return None
+
+    def revise(self, proposals: torch.Tensor, old: torch.Tensor, choice: torch.Tensor,
+               n_ok: torch.Tensor) -> torch.Tensor:
+        if self.refine is None:
+            return proposals
+        return refine_from_verify(proposals, old, choice, n_ok, self.refine)
+
+
+class SpeculativeAcceptor:
+    """Exact sampling at ``temperature`` (speculative sampling): proposals are draws from
+    the heads' tempered distributions q; proposal x is kept with probability
+    min(1, p(x) / q(x)) under the base's tempered p; after the first rejection the next
+    token is a draw from norm(max(0, p - q)), after none a draw from p."""
+
+    def __init__(self, k: int, temperature: float, generator: torch.Generator | None) -> None:
+        self.k, self.temperature, self.generator = k, temperature, generator
+
+    def propose(self, live: _Batch, slot_logits: torch.Tensor, first=None):
+        """(b, k, 256) slot logits -> (proposals long (b, k), their distributions q (b, k,
+        256)); first: (b,) tokens that replace slot 0 (the draws after a rejection)."""
+        q = torch.softmax(slot_logits.double() / self.temperature, -1)
+        props = _draw(q, self.generator)
         if first is not None:
             props[:, 0] = first
         return props, q
 
-    def accept(live: _Batch, base: torch.Tensor, choice: torch.Tensor | None):
-        """3. accept: the number of proposals after proposal 0 that are kept, long (b,), and
-        the base's tempered distributions p (b, k, 256) when sampling. Proposal 0 is the
-        base's own token; proposal j >= 1 is tested against the prediction after j - 1."""
-        p = None
-        if sampling:
-            p = torch.softmax(base.double() / temperature, -1)
-            u = torch.rand(live.rows.numel(), k - 1, generator=generator, dtype=torch.float64)
-            ok = speculative_accept(live.proposals[:, 1:], p[:, :-1], live.q[:, 1:], u.to(dev))
-        elif top_t is not None:
-            ok = acceptance_test(live.proposals[:, 1:], base[:, :-1], top_t=top_t)
-        else:
-            ok = distance_test(live.proposals[:, 1:], choice[:, :-1], epsilon)
-        n_ok = torch.cumprod(ok.long(), dim=-1).sum(-1)  # longest passing prefix
-        return n_ok.clamp(min=min_block - 1, max=k - 1), p
+    def accept(self, live: _Batch, base: torch.Tensor):
+        """base logits (b, k, 256) -> (proposals kept after proposal 0, long (b,); the base's
+        tempered distributions p (b, k, 256))."""
+        p = torch.softmax(base.double() / self.temperature, -1)
+        u = torch.rand(live.rows.numel(), self.k - 1, generator=self.generator,
+                       dtype=torch.float64)
+        ok = speculative_accept(live.proposals[:, 1:], p[:, :-1], live.q[:, 1:],
+                                u.to(base.device))
+        return torch.cumprod(ok.long(), dim=-1).sum(-1), p
 
-    def propose_next(live: _Batch, h, pos, choice, n_ok, p) -> None:
-        """1. propose (for the next step) from the slots at the last accepted position, in
-        the same pass: no extra model call. When sampling, a rejected proposal is replaced by
-        a draw from norm(max(0, p - q)); otherwise the verify pass may refine the proposals."""
-        sel = torch.arange(live.rows.numel(), device=dev)
-        h_last, pos_last = h[sel, n_ok][:, None], pos[sel, n_ok][:, None]
-        # pos_last is the new n, except for an image cut at n_tokens, which is finished
-        layout = live.layout(0) if max(live.n_host) < n_tokens else GATHERED
-        first = None
-        if sampling:
-            nxt = (n_ok + 1).clamp(max=k - 1)
-            resid = residual_distribution(p[sel, n_ok], live.q[sel, nxt])
-            first = torch.where(n_ok < k - 1, _draw(resid, generator), _draw(p[sel, n_ok], generator))
-        old = live.proposals
-        live.proposals, live.q = propose(
-            live, model.logits(live.ctx, h_last, pos_last, k, layout)[:, 0], first)
-        if refine is not None and not sampling:
-            live.proposals = refine_from_verify(live.proposals, old, choice, n_ok, refine)
+    def first_of_next(self, n_ok: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The token after the kept proposals, (b,): from the residual after a rejection,
+        from p when all were kept."""
+        sel = torch.arange(len(n_ok), device=n_ok.device)
+        nxt = (n_ok + 1).clamp(max=self.k - 1)
+        resid = residual_distribution(p[sel, n_ok], q[sel, nxt])
+        return torch.where(n_ok < self.k - 1, _draw(resid, self.generator),
+                           _draw(p[sel, n_ok], self.generator))
 
-    # The first call reads BOS at position 0 and yields the first k proposals.
+    def revise(self, proposals, old, verdict, n_ok) -> torch.Tensor:
+        return proposals  # draws must stay draws from the heads
+
+
+def _start(model: ImageTransformer, ctx_all: EncoderContext, cache, acceptor) -> _Batch:
+    """The first call reads BOS at position 0 and yields the first k proposals."""
+    b, dev = ctx_all.dec_pos.shape[0], ctx_all.dec_pos.device
     live = _Batch(torch.arange(b, device=dev), torch.zeros(b, dtype=torch.long, device=dev),
                   None, None, ctx_all, list(range(b)), [0] * b)
     pos0 = torch.zeros(b, 1, dtype=torch.long, device=dev)
     h = model.decoder_hidden(ctx_all, torch.full_like(pos0, BOS), pos0, cache, live.rows,
                              layout=(0, 0))
-    live.proposals, live.q = propose(live, model.logits(ctx_all, h, pos0, k, (0, 0))[:, 0])
-    calls = 1
+    live.proposals, live.q = acceptor.propose(
+        live, model.logits(ctx_all, h, pos0, acceptor.k, (0, 0))[:, 0])
+    return live
 
-    while live.rows.numel() > 0:
-        pos, h, base = _verify(model, live, cache, ar_k)  # 2. verify (one model call)
-        calls += 1
-        # the base's choice at every proposed position, once: the test and refinement use it
-        choice = None if sampling else apply_rule(base, rule)  # (b, k)
-        n_ok, p = accept(live, base, choice)  # 3. accept
-        n_acc = torch.minimum(n_ok + 1, n_tokens - live.n)  # (b,), in 1..k
-        record.commit(live, n_acc)  # 4. commit
-        live.n = live.n + n_acc
-        live.n_host = live.n.tolist()  # the step's one host-device sync
-        propose_next(live, h, pos, choice, n_ok, p)  # 1. propose, for the next step
-        live = _without_finished(live, ctx_all, n_tokens)
 
-    return record.result(n_tokens, calls, t0)
+def _propose_next(model: ImageTransformer, live: _Batch, h: torch.Tensor, pos: torch.Tensor,
+                  n_ok: torch.Tensor, verdict: torch.Tensor, acceptor, n_tokens: int) -> None:
+    """1. propose (for the next step) from the slots at the last accepted position, in the
+    same verify pass: no extra model call. verdict: what ``accept`` returned beside n_ok."""
+    sel = torch.arange(live.rows.numel(), device=n_ok.device)
+    h_last, pos_last = h[sel, n_ok][:, None], pos[sel, n_ok][:, None]
+    # pos_last is the new n, except for an image cut at n_tokens, which is finished
+    layout = live.layout(0) if max(live.n_host) < n_tokens else GATHERED
+    first = acceptor.first_of_next(n_ok, verdict, live.q)
+    old = live.proposals
+    live.proposals, live.q = acceptor.propose(
+        live, model.logits(live.ctx, h_last, pos_last, acceptor.k, layout)[:, 0], first)
+    live.proposals = acceptor.revise(live.proposals, old, verdict, n_ok)
 
 
 def _verify(model: ImageTransformer, live: _Batch, cache, ar_k: torch.Tensor):
