@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-import bpd_sr.decoding.loop as decoding
+import bpd_sr.decoding.acceptors as acceptors
 from bpd_sr import blockwise_parallel_decode, sample_decode, sequential_decode
 from bpd_sr.model.tokens import image_to_tokens, shift_right
 from tests.conftest import random_lr, tiny_model
@@ -95,7 +95,7 @@ def test_always_accepting_fails_the_same_test(small_vocab_model, monkeypatch):
     """The test has teeth: accepting every proposal samples from the heads, not the base."""
     lr = random_lr(1, seed=2)
     probs = exact_distribution(small_vocab_model, lr)
-    monkeypatch.setattr(decoding, "speculative_accept",
+    monkeypatch.setattr(acceptors, "speculative_accept",
                         lambda props, p, q, u: torch.ones_like(props, dtype=torch.bool))
     samples = draw(small_vocab_model, lr, k=4)
     stat, df = chi_square(samples, probs)
