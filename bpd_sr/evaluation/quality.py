@@ -77,10 +77,11 @@ def decode_all(model: ImageTransformer, lr: torch.Tensor, m: Method, refine: int
     return torch.cat(images), acc, calls, secs
 
 
-def baseline_rows(model: ImageTransformer, hr: torch.Tensor, batch_size: int) -> list[dict]:
-    """Bicubic, Lanczos and the conditioning net alone on faces hr uint8 (N, 32, 32, 3)."""
+def baseline_rows(model: ImageTransformer, hr: torch.Tensor, batch_size: int,
+                  bicubic: dict) -> list[dict]:
+    """Bicubic, Lanczos and the conditioning net alone on faces hr uint8 (N, 32, 32, 3);
+    bicubic: ``quality`` of bicubic upscaling on them (every row is compared with it)."""
     lr, ref = downsample(hr), hr.numpy()
-    bicubic = quality(upscale_bicubic(lr.numpy()), ref)
     rows = [{"method": "bicubic", **summary(bicubic, bicubic)},
             {"method": "lanczos", **summary(quality(upscale_lanczos(lr.numpy()), ref), bicubic)}]
     if model.cond is not None:
@@ -97,8 +98,8 @@ def quality_rows(model: ImageTransformer, hr: torch.Tensor, ks: list[int], epsil
     """Every row of ``bpd-sr evaluate`` on faces hr uint8 (N, 32, 32, 3) (module docstring);
     a blockwise row also says how far it moved from sequential decoding with its rule."""
     lr, ref = downsample(hr), hr.numpy()
-    rows = baseline_rows(model, hr, batch_size)
     bicubic = quality(upscale_bicubic(lr.numpy()), ref)
+    rows = baseline_rows(model, hr, batch_size, bicubic)
     sequential: dict = {}  # rule -> (PSNR, images) of its sequential decode
     for m in tqdm(methods(ks, epsilons, rules, list(temperatures)), desc="decoding",
                   disable=not progress):
