@@ -24,6 +24,7 @@ from bpd_sr.decoding.loop import (
     sample_decode,
     sequential_decode,
 )
+from bpd_sr.decoding.session import DecodingSession
 from bpd_sr.evaluation import viz
 from bpd_sr.io import imageio
 from bpd_sr.io.outputs import OutputNames
@@ -57,8 +58,8 @@ class DecodeSettings:
         return f"{way}, rule {self.rule}"
 
 
-def decode(model: ImageTransformer, lr: torch.Tensor, settings: DecodeSettings,
-           sample: int = 0) -> DecodeResult:
+def decode(model: ImageTransformer | DecodingSession, lr: torch.Tensor,
+           settings: DecodeSettings, sample: int = 0) -> DecodeResult:
     """lr: uint8 (1, 8, 8, 3) -> the decode ``settings`` ask for; ``sample`` picks the
     seed of one of several samples (seed * 1000 + sample)."""
     if settings.temperature > 0:
@@ -114,7 +115,7 @@ class Upscaled:
         return self.tokens / max(1, self.steps)
 
 
-def upscale_file(model: ImageTransformer, path: Path, names: OutputNames,
+def upscale_file(model: ImageTransformer | DecodingSession, path: Path, names: OutputNames,
                  settings: DecodeSettings, crop: str = "auto", picture_size: int = 128) -> Upscaled:
     """Read ``path``, decode it (one result per name in ``names.results``) and write the
     results at their true 32x32, then the heatmaps and the comparison, each atomically.
@@ -130,7 +131,8 @@ def upscale_file(model: ImageTransformer, path: Path, names: OutputNames,
         done.model_calls += res.model_calls
         done.seconds += res.seconds
     _make_folders(names)
-    k = model.cfg.k if settings.k in (None, "auto") else settings.k  # for the heatmap's scale
+    n_slots = DecodingSession.of(model).model.cfg.k
+    k = n_slots if settings.k in (None, "auto") else settings.k  # for the heatmap's scale
     for i, (name, res) in enumerate(zip(names.results, results, strict=True)):
         done.written.append(_write(name, res.images[0].numpy()))
         if names.heatmaps:

@@ -53,7 +53,6 @@ def test_auto_follows_the_costs(monkeypatch, tmp_path):
     costs = {False: lambda m, lr, k, rule: float(k),  # compute-bound: k times the cost
              True: lambda m, lr, k, rule: 1.0 if k == 1 else 0.5}  # forced: blockwise cheaper
     for expect_blockwise, cost in costs.items():
-        model.__dict__.pop("_autok", None)
         monkeypatch.setattr(autok, "_seconds_per_step", cost)
         res = autok.auto_decode(model, lr, n_tokens=200)
         assert (max(len(a) for a in res.accepted) < 200) == expect_blockwise

@@ -451,11 +451,11 @@ def test_benchmark_speed_report(tmp_path, tiny_ckpt):
               "--out", tmp_path / "s", "-q")
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "s" / "speed.json").read_text())
-    assert set(report["step_seconds"]) == {"reference", "eager"}
+    assert set(report["step_seconds"]) == {"eager"}  # --no-compile
     assert set(report["step_seconds"]["eager"]) == {"1", "3"}
-    # the eager step runs fewer operations than the module path it replaces
-    ops = report["ops_per_step"]
-    assert ops["eager"]["1"]["top_level_aten_ops"] < ops["reference"]["1"]["top_level_aten_ops"]
+    # a step over 3 tokens also runs the proposal heads at the last one: more operations
+    ops = report["ops_per_step"]["eager"]
+    assert 0 < ops["1"]["top_level_aten_ops"] < ops["3"]["top_level_aten_ops"]
     assert [r["batch_size"] for r in report["seconds_per_image"]] == [1, 2]
     for row in report["seconds_per_image"]:
         assert 1 <= row["auto_k"] <= 4 and row["n_tokens"] == 40

@@ -7,6 +7,7 @@ import torch
 
 from bpd_sr import ImageTransformer, ModelConfig
 from bpd_sr.config import N_HR_TOKENS
+from bpd_sr.decoding.session import DecodingSession
 from bpd_sr.model.tokens import (
     BOS,
     downsample,
@@ -25,17 +26,19 @@ def full_logits(model, lr, targets):
 
 
 def incremental_logits(model, lr, targets, chunk_sizes):
-    """Feed the targets through the cache in chunks; each row may use its own offsets."""
+    """Feed the targets through the cache in chunks, all rows at the same positions."""
+    session = DecodingSession(model)
     b = lr.shape[0]
     ctx = model.encode(lr)
-    cache = model.new_cache(b)
+    cache = session.new_cache(b)
     rows = torch.arange(b)
     prev = torch.cat([torch.zeros(b, 1, dtype=torch.long), targets], dim=1)
     outs, p = [], 0
     for t in chunk_sizes:
         pos = torch.arange(p, p + t).expand(b, -1)
-        h = model.decoder_hidden(ctx, previous_token_inputs(prev[:, p : p + t], pos), pos, cache, rows)
-        outs.append(model.logits(ctx, h, pos, model.cfg.k))
+        h = session.decoder_hidden(ctx, previous_token_inputs(prev[:, p : p + t], pos), pos, cache,
+                                   rows)
+        outs.append(session.logits(ctx, h, pos, model.cfg.k))
         p += t
     return torch.cat(outs, dim=1)
 
@@ -76,17 +79,19 @@ def test_rows_at_different_positions_share_one_call():
     lr = random_lr(2)
     targets = torch.randint(0, 256, (2, N_HR_TOKENS))
     full = full_logits(model, lr, targets)
-    ctx, cache, rows = model.encode(lr), model.new_cache(2), torch.arange(2)
+    session = DecodingSession(model)
+    ctx, cache, rows = model.encode(lr), session.new_cache(2), torch.arange(2)
     prev = torch.cat([torch.zeros(2, 1, dtype=torch.long), targets], dim=1)
     with torch.no_grad():
         # row 0 fills positions 0..299, row 1 fills 0..699 (row 0's later slots stay stale)
         for p in range(0, 700, 50):
             pos = torch.arange(p, p + 50).expand(2, -1)
-            model.decoder_hidden(ctx, previous_token_inputs(prev[:, p : p + 50], pos), pos, cache, rows)
+            session.decoder_hidden(ctx, previous_token_inputs(prev[:, p : p + 50], pos), pos, cache,
+                                   rows)
         pos = torch.tensor([[300, 301, 302], [700, 701, 702]])
         inputs = previous_token_inputs(torch.stack([prev[0, 300:303], prev[1, 700:703]]), pos)
-        h = model.decoder_hidden(ctx, inputs, pos, cache, rows)
-        out = model.logits(ctx, h, pos, 2)
+        h = session.decoder_hidden(ctx, inputs, pos, cache, rows)
+        out = session.logits(ctx, h, pos, 2)
     torch.testing.assert_close(out[0], full[0, 300:303], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(out[1], full[1, 700:703], rtol=1e-9, atol=1e-9)
 
@@ -215,8 +220,7 @@ def test_a_short_decode_reads_no_conditioning_logits_past_its_end(monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("reference", [False, True])
-def test_a_subset_of_the_context_reads_its_own_rows_without_copying_them(reference):
+def test_a_subset_of_the_context_reads_its_own_rows_without_copying_them():
     """Images that finish leave a batch decode (EncoderContext.select): the subset keeps
     reading the batch's conditioning logits and position embeddings through its row map."""
     model, lr = tiny_model(k=4), random_lr(4, seed=6)
@@ -228,13 +232,13 @@ def test_a_subset_of_the_context_reads_its_own_rows_without_copying_them(referen
     pos = torch.tensor([[5, 6], [700, 701]])
     inputs = torch.tensor([[7, 300], [9, 600]])
     rows = torch.arange(2)
+    session = DecodingSession(model)
     with torch.no_grad():  # as decoding runs
-        h_sub = model.decoder_hidden(sub, inputs, pos, model.new_cache(2, reference=reference), rows)
-        h_alone = model.decoder_hidden(alone, inputs, pos, model.new_cache(2, reference=reference), rows)
+        h_sub = session.decoder_hidden(sub, inputs, pos, session.new_cache(2), rows)
+        h_alone = session.decoder_hidden(alone, inputs, pos, session.new_cache(2), rows)
         torch.testing.assert_close(h_sub, h_alone, rtol=0, atol=1e-12)
-        for logits in (model.logits, model.reference_logits):
-            torch.testing.assert_close(logits(sub, h_alone, pos, 4), logits(alone, h_alone, pos, 4),
-                                       rtol=0, atol=1e-12)
+        torch.testing.assert_close(session.logits(sub, h_alone, pos, 4),
+                                   session.logits(alone, h_alone, pos, 4), rtol=0, atol=1e-12)
 
 
 def _sharp_gaussian_model() -> ImageTransformer:

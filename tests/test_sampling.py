@@ -36,8 +36,8 @@ def small_vocab_model():
 
 
 def exact_distribution(model, lr) -> dict[tuple[int, ...], float]:
-    """p(y0, y1, y2) at temperature T by enumeration, from the uncached module path (no cache,
-    no functional step: independent of the decoders under test) run on the first M positions
+    """p(y0, y1, y2) at temperature T by enumeration, from the uncached full pass (no cache, no
+    step: independent of the decoding loops under test) run on the first M positions
     only, which causal attention makes the same as the whole image's first M."""
     seqs = list(itertools.product(SUPPORT.tolist(), repeat=M))
     y = torch.tensor(seqs)  # (S, M)
@@ -45,7 +45,7 @@ def exact_distribution(model, lr) -> dict[tuple[int, ...], float]:
     with torch.no_grad():
         ctx = model.encode(lr.expand(len(seqs), -1, -1, -1))
         h = model.decoder_hidden(ctx, shift_right(y))  # (S, M, d)
-        logits = model.reference_logits(ctx, h, pos)[:, :, 0]  # (S, M, 256)
+        logits = model.logits(ctx, h, pos)[:, :, 0]  # (S, M, 256)
     logp = torch.log_softmax(logits.double() / T, -1)
     joint = logp.gather(-1, y[..., None])[..., 0].sum(-1).exp()
     return {s: float(p) for s, p in zip(seqs, joint, strict=True)}

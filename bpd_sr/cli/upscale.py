@@ -52,14 +52,14 @@ def _choose_k(model, lr, epsilon: int, rule: str, temperature: float, quiet: boo
     return choice.k
 
 
-def _compile(model, k: int, quiet: bool) -> None:
+def _compile(session, k: int, quiet: bool) -> None:
     """Compile exactly the decoder steps a decode with this k runs (one token, and k)."""
-    from bpd_sr.decoding.compiled import compile_decoder, warm_up
+    from bpd_sr.decoding.compiled import warm_up
     from bpd_sr.quiet import quiet_stderr
 
-    compile_decoder(model)
+    session.compile()
     with quiet_stderr():  # Inductor's autotuning prints a table per matrix product
-        seconds = warm_up(model, 1, (k,))
+        seconds = warm_up(session, 1, (k,))
     if not quiet:
         click.echo(f"compiled the decoder step (k={k}) in {seconds:.1f} s")
 
@@ -170,18 +170,21 @@ def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, ep
         _writable_folder(folder, "output folder")  # before hours of decoding, not after
     # 2. the model, and the k that decodes every input (auto: chosen once, from the first)
     model = _upscale_model(checkpoint, device, threads, k)
+    from bpd_sr.decoding.session import DecodingSession
+
+    session = DecodingSession(model)  # what every decode below shares (a compiled step)
     k = min(DEFAULT_K, model.cfg.k) if k is None else k
     if k == "auto" and not greedy:
-        k = _choose_k(model, _first_input(plans, crop), epsilon, rule, temperature, quiet)
+        k = _choose_k(session, _first_input(plans, crop), epsilon, rule, temperature, quiet)
     settings = DecodeSettings(greedy, k, epsilon, temperature, seed, rule)
     if compile_step:
-        _compile(model, 1 if greedy else k, quiet)
+        _compile(session, 1 if greedy else k, quiet)
     # 3. each input: read, decode, write
     if not quiet:
         click.echo(LEGEND)
     for path, names in plans.items():
         try:
-            done = upscale_file(model, path, names, settings, crop, 32 * preview_scale)
+            done = upscale_file(session, path, names, settings, crop, 32 * preview_scale)
         except _user_errors() as e:
             failed.append((path, str(e)))
             continue

@@ -36,6 +36,8 @@ import torch
 
 from bpd_sr.config import DEFAULT_RULE, N_HR_TOKENS
 from bpd_sr.decoding.loop import DecodeResult, blockwise_parallel_decode, sample_decode
+from bpd_sr.decoding.session import DecodingSession
+from bpd_sr.decoding.steptime import step_function
 from bpd_sr.timing import median_seconds
 
 CANDIDATES = (1, 2, 4, 6, 8, 10)
@@ -95,40 +97,23 @@ def _blockwise_rule(rule: dict) -> dict:
     return out
 
 
-def _seconds_per_step(model, lr: torch.Tensor, k: int, rule: dict) -> float:
-    """Seconds of one decoding step over k tokens for the batch lr: the decoder over k new
-    tokens with a cache of a whole decode's size (a small one stays in the CPU's caches and
-    flatters large batches), the base logits at each token and (k > 1) the proposal slots at
-    the last. Rows of a blockwise decode of several images soon sit at different positions
-    (their images accept different lengths), which costs a gather instead of a view: so they
-    do here too. The loop's own bookkeeping is left out (the margin covers it)."""
-    from bpd_sr.model.tokens import previous_token_inputs
-
-    b, dev = lr.shape[0], next(model.parameters()).device
-    ctx, cache = model.encode(lr.to(dev)), model.new_cache(b)
-    rows = torch.arange(b, device=dev)
-    spread = (rows * 7) % 64 if k > 1 else torch.zeros_like(rows)  # positions of the rows
-    pos = 1500 + spread[:, None] + torch.arange(k, device=dev)  # (b, k)
-    inputs = previous_token_inputs(torch.full_like(pos, 7), pos)
-    n_slots = min(model.cfg.k, max(k, 1))
-
-    def step() -> None:
-        h = model.decoder_hidden(ctx, inputs, pos, cache, rows)
-        model.logits(ctx, h, pos, 1)
-        if k > 1:
-            model.logits(ctx, h[:, -1:], pos[:, -1:], n_slots)
-
+def _seconds_per_step(session: DecodingSession, lr: torch.Tensor, k: int, rule: dict) -> float:
+    """Seconds of one decoding step over k tokens for the batch lr
+    (``bpd_sr.decoding.steptime``), the rows at different positions as in a blockwise
+    decode of a batch. The loop's own bookkeeping is left out (the margin covers it)."""
+    step = step_function(session, lr.shape[0], k, spread=True,
+                         n_slots=min(session.model.cfg.k, k), lr=lr)
     step()  # warm
     return median_seconds(step, TIMING_STEPS)
 
 
-def _timed(model, lr: torch.Tensor, ks, rule: dict) -> dict[int, float]:
+def _timed(session: DecodingSession, lr: torch.Tensor, ks, rule: dict) -> dict[int, float]:
     """Seconds per step of every candidate: ROUNDS interleaved rounds (every k once per round,
     so that other load on the machine hits all of them alike), the median of each."""
     samples: dict[int, list[float]] = {k: [] for k in ks}
     for _ in range(ROUNDS):
         for k in ks:
-            samples[k].append(_seconds_per_step(model, lr, k, rule))
+            samples[k].append(_seconds_per_step(session, lr, k, rule))
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -204,11 +189,14 @@ def _save(key: str, choice: AutoK) -> None:
 def choose_k(model, lr: torch.Tensor, candidates=CANDIDATES, **rule) -> AutoK:
     """The fastest k (1 = sequential) for decoding ``lr`` (uint8 (B, 8, 8, 3)) with the
     acceptance rule ``rule`` (blockwise_parallel_decode's epsilon, top_t, min_block, rule,
-    temperature ...), measured as the module docstring says."""
+    temperature ...), measured as the module docstring says. model: the model or a
+    ``DecodingSession`` of it; a session remembers its choices (``memo``)."""
+    session = DecodingSession.of(model)
+    model = session.model
     batch = lr.shape[0]
     ks = sorted({1, *[k for k in candidates if 1 <= k <= model.cfg.k]})
     key = _fingerprint(model, batch, rule, ks)
-    memo = model.__dict__.setdefault("_autok", {})
+    memo = session.memo.setdefault("autok", {})
     if key in memo:
         return memo[key]
     choice = _load(key, ks)
@@ -217,9 +205,9 @@ def choose_k(model, lr: torch.Tensor, candidates=CANDIDATES, **rule) -> AutoK:
         if len(ks) == 1:
             accepted = torch.ones(1, dtype=torch.long)
         else:
-            calib = _decode(model, lr[:2], ks[-1], CALIBRATION_TOKENS, rule)
+            calib = _decode(session, lr[:2], ks[-1], CALIBRATION_TOKENS, rule)
             accepted = torch.cat(calib.accepted)
-        secs = _timed(model, lr, ks, rule)
+        secs = _timed(session, lr, ks, rule)
         toks = {k: expected_tokens(accepted, k) if k > 1 else 1.0 for k in ks}
         choice = AutoK(
             k=pick(secs, toks), batch=batch,
@@ -237,6 +225,7 @@ def auto_decode(model, lr: torch.Tensor, generator: torch.Generator | None = Non
     """Decode ``lr`` (uint8 (B, 8, 8, 3)) with the k that ``choose_k`` measures for this batch
     size and acceptance rule (``blockwise_parallel_decode``'s keywords): blockwise with that
     k, or sequential decoding when no k pays."""
+    model = DecodingSession.of(model)
     k = choose_k(model, lr, **rule).k
     if k == 1:
         return sample_decode(model, lr, rule.get("temperature", 0.0), generator, n_tokens,

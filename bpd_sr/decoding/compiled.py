@@ -1,7 +1,7 @@
 """An opt-in compiled decoder step (``torch.compile``, Inductor, CPU or GPU).
 
-``compile_decoder(model)`` makes every decode of ``model`` (sequential, blockwise, sampling)
-run the steps whose rows share positions (see ``bpd_sr.model.cache``) through one compiled graph per
+``DecodingSession.compile()`` makes every decode run with that session (sequential,
+blockwise, sampling) run the steps whose rows share positions (``bpd_sr.decoding.cache``) through one compiled graph per
 (batch, tokens) shape: the decoder layers, and the output layer with the proposal heads.
 Inductor freezes the weights (prepacked matrix products) and, with ``max_autotune``, picks
 its own matrix-product kernels, which is what makes a step over k tokens cost little more than
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpd_sr.model.cache import KVCache, StepPlan
-from bpd_sr.model.step import decoder_weights
+from bpd_sr.decoding.cache import KVCache, StepPlan
+from bpd_sr.model.decoder import decoder_layers, decoder_weights
 
 OPTIONS = {"freezing": True, "max_autotune": True, "triton.cudagraphs": False}
 
@@ -47,7 +47,9 @@ def _attention(q, k, v, mask=None):
 
 
 class _Layers(nn.Module):
-    """The decoder layers over T new tokens whose keys join a window of cached ones."""
+    """The decoder layers over T new tokens whose keys join a window of cached ones: the
+    decoder's one implementation (``bpd_sr.model.decoder.decoder_layers``) with a
+    self-attention that appends the new keys to the window instead of writing the cache."""
 
     def __init__(self, model) -> None:
         super().__init__()
@@ -58,24 +60,17 @@ class _Layers(nn.Module):
         (n_layer, 2, b, H, W, hd) of cached keys and values; mask: additive (T, W + T).
         Returns h (b, T, d) and the new keys and values (n_layer, 2, b, H, T, hd). (Few,
         stacked inputs: every input tensor costs a guard check per call.)"""
-        w = decoder_weights(self.model, cached=False)
-        b, t, d = x.shape
-        h, hd, eps = w.n_head, d // w.n_head, w.eps
         new = []
-        for i, lw in enumerate(w.layers):
-            qkv = F.linear(F.layer_norm(x, (d,), *lw.ln1, eps), *lw.qkv).view(b, t, 3, h, hd)
-            kv = qkv[:, :, 1:].permute(2, 0, 3, 1, 4)  # (2, b, H, T, hd)
+
+        def window_attention(i, q, kv):
             new.append(kv)
-            k = torch.cat([windows[i][0], kv[0]], dim=2)
-            v = torch.cat([windows[i][1], kv[1]], dim=2)
-            y = _attention(qkv[:, :, 0].transpose(1, 2), k, v, mask)
-            x = x + F.linear(y.transpose(1, 2).reshape(b, t, d), *lw.attn_proj)
-            q = F.linear(F.layer_norm(x, (d,), *lw.ln2, eps), *lw.cross_q).view(b, t, h, hd)
-            y = _attention(q.transpose(1, 2), cross_kv[i][0], cross_kv[i][1])
-            x = x + F.linear(y.transpose(1, 2).reshape(b, t, d), *lw.cross_proj)
-            ff = F.relu(F.linear(F.layer_norm(x, (d,), *lw.ln3, eps), *lw.fc))
-            x = x + F.linear(ff, *lw.mlp_proj)
-        return F.layer_norm(x, (d,), *w.ln, eps), torch.stack(new)
+            return _attention(q, torch.cat([windows[i][0], kv[0]], dim=2),
+                              torch.cat([windows[i][1], kv[1]], dim=2), mask)
+
+        # read through the modules inside the graph, so that Inductor sees parameters
+        h = decoder_layers(decoder_weights(self.model), x, cross_kv, window_attention,
+                           attention=_attention)
+        return h, torch.stack(new)
 
 
 class _Logits(nn.Module):
@@ -87,32 +82,26 @@ class _Logits(nn.Module):
 
     def forward(self, h, cond, n_slots: int):
         """h (b, 1, d), cond (b, 1, n_slots, 256) -> (b, 1, n_slots, 256)."""
-        m = self.model
-        heads, d = m.heads, h.shape[-1]
-        if heads.identity_first_slot and n_slots == 1:
-            slots = h.unsqueeze(-2)
-        else:  # only the rows of the heads' projection that the slots asked for
-            n_ff = n_slots - 1 if heads.identity_first_slot else n_slots
-            hidden = F.relu(F.linear(h, heads.fc.weight, heads.fc.bias))
-            ff = F.linear(hidden, heads.proj.weight[: n_ff * d], heads.proj.bias[: n_ff * d])
-            slots = h.unsqueeze(-2) + ff.unflatten(-1, (n_ff, d))
-            if heads.identity_first_slot:
-                slots = torch.cat([h.unsqueeze(-2), slots], dim=-2)
-        return F.linear(slots, m.out_proj.weight, m.out_proj.bias) + cond
+        return self.model.slot_outputs(h, n_slots) + cond
 
 
 class CompiledStep:
     """The compiled graphs of one model and the masks they use."""
 
-    def __init__(self, model, options: dict | None = None) -> None:
-        opts = dict(OPTIONS if options is None else options)
-        # Inductor decides on freezing before it applies per-call options: set it in its config
-        # (it only ever applies to graphs compiled without gradients)
-        import torch._inductor.config as inductor_config
+    def __init__(self, model, options: dict | None = None, backend: str = "inductor") -> None:
+        """options: Inductor's options (default ``OPTIONS``). backend: torch.compile's;
+        another than Inductor (``"aot_eager"``: traced, not code-generated) takes no options."""
+        kwargs: dict = {"dynamic": False, "backend": backend}
+        if backend == "inductor":
+            opts = dict(OPTIONS if options is None else options)
+            # Inductor decides on freezing before it applies per-call options: set it in its
+            # config (it only ever applies to graphs compiled without gradients)
+            import torch._inductor.config as inductor_config
 
-        inductor_config.freezing = bool(opts.pop("freezing", False)) or inductor_config.freezing
-        self.layers = torch.compile(_Layers(model), dynamic=False, options=opts)
-        self.logits = torch.compile(_Logits(model), dynamic=False, options=opts)
+            inductor_config.freezing = bool(opts.pop("freezing", False)) or inductor_config.freezing
+            kwargs["options"] = opts
+        self.layers = torch.compile(_Layers(model), **kwargs)
+        self.logits = torch.compile(_Logits(model), **kwargs)
         self._masks: dict[tuple, torch.Tensor] = {}
         self._cross: tuple[list, torch.Tensor] | None = None  # (ctx.cross_kv, stacked)
 
@@ -148,33 +137,22 @@ class CompiledStep:
         return h
 
 
-def compile_decoder(model, options: dict | None = None) -> CompiledStep:
-    """Route ``model``'s shared-position decoder steps through ``torch.compile`` from now on
-    (``uncompile_decoder`` undoes it). options: Inductor options (default ``OPTIONS``)."""
-    compiled = CompiledStep(model, options)
-    model._compiled_step = compiled
-    return compiled
-
-
-def uncompile_decoder(model) -> None:
-    model.__dict__.pop("_compiled_step", None)
-
-
 @torch.inference_mode()
-def warm_up(model, batch: int, ks=(1,)) -> float:
-    """Compile (or load from Inductor's cache) the graphs a decode at this batch size with
-    these k will run: a step over 1 token and over each k, the base logits and the k proposal
-    slots. Returns the seconds it took."""
+def warm_up(session, batch: int, ks=(1,)) -> float:
+    """Compile (or load from Inductor's cache) the graphs a decode of this
+    ``DecodingSession`` at this batch size with these k will run: a step over 1 token and
+    over each k, the base logits and the k proposal slots. Returns the seconds it took."""
     from bpd_sr.model.tokens import BOS
 
     t0 = time.perf_counter()
+    model = session.model
     dev = next(model.parameters()).device
     lr = torch.zeros(batch, 8, 8, 3, dtype=torch.uint8, device=dev)
-    ctx, cache = model.encode(lr), model.new_cache(batch)  # a decode's cache: same strides
+    ctx, cache = model.encode(lr), session.new_cache(batch)  # a decode's cache: same strides
     rows = torch.arange(batch, device=dev)
     for t in sorted({1, *ks}):
         pos = torch.arange(130, 130 + t, device=dev).expand(batch, -1)
-        h = model.decoder_hidden(ctx, torch.full_like(pos, BOS), pos, cache, rows)
-        model.logits(ctx, h[:, :1], pos[:, :1], 1)
-        model.logits(ctx, h[:, -1:], pos[:, -1:], max(ks))
+        h = session.decoder_hidden(ctx, torch.full_like(pos, BOS), pos, cache, rows)
+        session.logits(ctx, h[:, :1], pos[:, :1], 1)
+        session.logits(ctx, h[:, -1:], pos[:, -1:], max(ks))
     return time.perf_counter() - t0

@@ -16,7 +16,7 @@ proposal of section 4) is a short loop over four named steps:
    cost no extra decoder pass: model calls = steps + 1.
 
 Every image of a batch advances by its own accepted length; finished images leave the batch.
-Rejected proposals are forgotten by not moving the pointer (see ``bpd_sr.model.cache``).
+Rejected proposals are forgotten by not moving the pointer (see ``bpd_sr.decoding.cache``).
 
 Beyond the paper, ``temperature > 0`` turns the same loop into exact sampling from the base
 model's tempered distribution (speculative sampling: Leviathan et al. 2023, arXiv 2211.17192;
@@ -39,8 +39,9 @@ from bpd_sr.decoding.acceptance import (
     rule_proposer,
 )
 from bpd_sr.decoding.acceptors import RuleAcceptor, SpeculativeAcceptor, draw_tokens
+from bpd_sr.decoding.cache import GATHERED, Layout
 from bpd_sr.decoding.rules import DEFAULT_RULE, apply_rule, check_rule
-from bpd_sr.model.cache import GATHERED, Layout
+from bpd_sr.decoding.session import DecodingSession
 from bpd_sr.model.tokens import BOS, previous_token_inputs, tokens_to_image
 from bpd_sr.model.transformer import EncoderContext, ImageTransformer
 
@@ -79,15 +80,15 @@ def tokens_per_step(accepted: list[torch.Tensor]) -> float:
     return total / max(1, sum(len(a) for a in accepted))
 
 
-def _prepare(model: ImageTransformer, lr: torch.Tensor, n_tokens: int = N_HR_TOKENS):
+def _prepare(session: DecodingSession, lr: torch.Tensor, n_tokens: int = N_HR_TOKENS):
     if lr.dtype != torch.uint8 or lr.dim() != 4 or tuple(lr.shape[1:]) != (8, 8, 3):
         raise ValueError(f"lr must be a uint8 tensor (B, 8, 8, 3), got {lr.dtype} {tuple(lr.shape)}")
     if not 1 <= n_tokens <= N_HR_TOKENS:
         raise ValueError(f"n_tokens must be in 1..{N_HR_TOKENS}")
-    device = next(model.parameters()).device
-    lr = lr.to(device)
+    model = session.model
+    lr = lr.to(next(model.parameters()).device)
     return (lr, model.encode(lr, n_positions=n_tokens),
-            model.new_cache(lr.shape[0], max_len=n_tokens + model.cfg.k + 1))
+            session.new_cache(lr.shape[0], max_len=n_tokens + model.cfg.k + 1))
 
 
 def _result(tokens, step_of, acc, n_steps, calls, t0) -> DecodeResult:
@@ -103,7 +104,7 @@ def _result(tokens, step_of, acc, n_steps, calls, t0) -> DecodeResult:
 
 @torch.inference_mode()
 def sample_decode(
-    model: ImageTransformer, lr: torch.Tensor, temperature: float = 1.0,
+    model: ImageTransformer | DecodingSession, lr: torch.Tensor, temperature: float = 1.0,
     generator: torch.Generator | None = None, n_tokens: int = N_HR_TOKENS,
     rule: str = DEFAULT_RULE,
 ) -> DecodeResult:
@@ -111,11 +112,13 @@ def sample_decode(
 
     The reference for sampling; temperature 0 is sequential decoding with ``rule`` (the
     decoding rule, ``bpd_sr.decoding.rules``; ignored when sampling). lr: uint8 (B, 8, 8, 3).
-    n_tokens: decode only the first n tokens (the rest stay 0; for tests).
+    n_tokens: decode only the first n tokens (the rest stay 0; for tests). model: the model,
+    or a ``DecodingSession`` of it (compiled step, memos).
     """
     check_rule(rule)
     t0 = time.perf_counter()
-    lr, ctx, cache = _prepare(model, lr, n_tokens)
+    session = DecodingSession.of(model)
+    lr, ctx, cache = _prepare(session, lr, n_tokens)
     b, dev = lr.shape[0], lr.device
     rows = torch.arange(b, device=dev)
     tokens = torch.zeros(b, N_HR_TOKENS, dtype=torch.long, device=dev)
@@ -124,8 +127,8 @@ def sample_decode(
         pos = torch.full((b, 1), p, dtype=torch.long, device=dev)
         # every row at position p, known here: no host-device sync per token
         layout = None if _PROBE_LAYOUT else (0, p)
-        h = model.decoder_hidden(ctx, inputs, pos, cache, rows, layout)
-        logits = model.logits(ctx, h, pos, 1, layout)[:, 0, 0]  # (B, 256)
+        h = session.decoder_hidden(ctx, inputs, pos, cache, rows, layout)
+        logits = session.logits(ctx, h, pos, 1, layout)[:, 0, 0]  # (B, 256)
         if temperature > 0:
             nxt = draw_tokens(torch.softmax(logits.double() / temperature, -1), generator)
         else:
@@ -138,7 +141,7 @@ def sample_decode(
 
 
 def sequential_decode(
-    model: ImageTransformer, lr: torch.Tensor, n_tokens: int = N_HR_TOKENS,
+    model: ImageTransformer | DecodingSession, lr: torch.Tensor, n_tokens: int = N_HR_TOKENS,
     rule: str = DEFAULT_RULE,
 ) -> DecodeResult:
     """The reference: sequential decoding, one token per decoder call, with the key/value
@@ -176,7 +179,7 @@ class _Batch:
     n_host: list[int]
 
     def layout(self, offset: int) -> Layout:
-        """The decoder call's layout (``bpd_sr.model.cache``) when every row is fed at n + offset:
+        """The decoder call's layout (``bpd_sr.decoding.cache``) when every row is fed at n + offset:
         a lone image's position is known; the rows of a batch sit at their own positions."""
         if _PROBE_LAYOUT:
             return None
@@ -205,7 +208,7 @@ def probing_layout():
 
 @torch.inference_mode()
 def blockwise_parallel_decode(
-    model: ImageTransformer,
+    model: ImageTransformer | DecodingSession,
     lr: torch.Tensor,
     k: int | str | None = None,
     epsilon: int = 0,
@@ -232,13 +235,16 @@ def blockwise_parallel_decode(
     refine: after a partial acceptance, take the next proposals from the verify pass itself
     where the first rejected proposal was within ``refine`` levels of the base's choice
     (Jacobi-style; ``refine_from_verify``); 255 (the default): always, None: never. It
-    changes only which tokens are proposed, never what exact acceptance outputs; measured
-    1.82 -> 2.57 tokens per step with the shipped heads (README, "Levers"). Not used when
+    changes only which tokens are proposed, never what exact acceptance outputs (its effect
+    on tokens per step: README, "Levers"). Not used when
     sampling, whose proposals must be draws from the heads.
     temperature > 0: exact sampling at that temperature (speculative sampling; the
     proposals are drawn from the heads, ``generator`` makes it reproducible).
-    n_tokens: decode only the first n tokens (the rest stay 0; for tests).
+    n_tokens: decode only the first n tokens (the rest stay 0; for tests). model: the model,
+    or a ``DecodingSession`` of it (compiled step, memos).
     """
+    session = DecodingSession.of(model)
+    model = session.model
     if k == "auto":
         raise ValueError('k="auto" is measured by bpd_sr.decoding.autok.auto_decode')
     k = model.cfg.k if k is None else k
@@ -257,38 +263,38 @@ def blockwise_parallel_decode(
         acceptor = RuleAcceptor(k, proposer or rule_proposer(rule), rule, epsilon, top_t,
                                 min_block, refine)
     t0 = time.perf_counter()
-    lr, ctx_all, cache = _prepare(model, lr, n_tokens)
+    lr, ctx_all, cache = _prepare(session, lr, n_tokens)
     b, dev = lr.shape[0], lr.device
     ar_k = torch.arange(k, device=dev)
     record = _Record(b, k, dev)
-    live, calls = _start(model, ctx_all, cache, acceptor), 1
+    live, calls = _start(session, ctx_all, cache, acceptor), 1
     while live.rows.numel() > 0:
-        pos, h, base = _verify(model, live, cache, ar_k)  # 2. verify (one model call)
+        pos, h, base = _verify(session, live, cache, ar_k)  # 2. verify (one model call)
         calls += 1
         n_ok, verdict = acceptor.accept(live, base)  # 3. accept
         n_acc = torch.minimum(n_ok + 1, n_tokens - live.n)  # (b,), in 1..k
         record.commit(live, n_acc)  # 4. commit
         live.n = live.n + n_acc
         live.n_host = live.n.tolist()  # the step's one host-device sync
-        _propose_next(model, live, h, pos, n_ok, verdict, acceptor, n_tokens)  # 1. propose
+        _propose_next(session, live, h, pos, n_ok, verdict, acceptor, n_tokens)  # 1. propose
         live = _without_finished(live, ctx_all, n_tokens)
     return record.result(n_tokens, calls, t0)
 
 
-def _start(model: ImageTransformer, ctx_all: EncoderContext, cache, acceptor) -> _Batch:
+def _start(session: DecodingSession, ctx_all: EncoderContext, cache, acceptor) -> _Batch:
     """The first call reads BOS at position 0 and yields the first k proposals."""
     b, dev = ctx_all.dec_pos.shape[0], ctx_all.dec_pos.device
     live = _Batch(torch.arange(b, device=dev), torch.zeros(b, dtype=torch.long, device=dev),
                   None, None, ctx_all, list(range(b)), [0] * b)
     pos0 = torch.zeros(b, 1, dtype=torch.long, device=dev)
-    h = model.decoder_hidden(ctx_all, torch.full_like(pos0, BOS), pos0, cache, live.rows,
-                             layout=(0, 0))
+    h = session.decoder_hidden(ctx_all, torch.full_like(pos0, BOS), pos0, cache, live.rows,
+                               layout=(0, 0))
     live.proposals, live.q = acceptor.propose(
-        live, model.logits(ctx_all, h, pos0, acceptor.k, (0, 0))[:, 0])
+        live, session.logits(ctx_all, h, pos0, acceptor.k, (0, 0))[:, 0])
     return live
 
 
-def _propose_next(model: ImageTransformer, live: _Batch, h: torch.Tensor, pos: torch.Tensor,
+def _propose_next(session: DecodingSession, live: _Batch, h: torch.Tensor, pos: torch.Tensor,
                   n_ok: torch.Tensor, verdict: torch.Tensor, acceptor, n_tokens: int) -> None:
     """1. propose (for the next step) from the slots at the last accepted position, in the
     same verify pass: no extra model call. verdict: what ``accept`` returned beside n_ok."""
@@ -299,18 +305,18 @@ def _propose_next(model: ImageTransformer, live: _Batch, h: torch.Tensor, pos: t
     first = acceptor.first_of_next(n_ok, verdict, live.q)
     old = live.proposals
     live.proposals, live.q = acceptor.propose(
-        live, model.logits(live.ctx, h_last, pos_last, acceptor.k, layout)[:, 0], first)
+        live, session.logits(live.ctx, h_last, pos_last, acceptor.k, layout)[:, 0], first)
     live.proposals = acceptor.revise(live.proposals, old, verdict, n_ok)
 
 
-def _verify(model: ImageTransformer, live: _Batch, cache, ar_k: torch.Tensor):
+def _verify(session: DecodingSession, live: _Batch, cache, ar_k: torch.Tensor):
     """2. verify: proposal j is fed at position n + 1 + j; the base prediction there is the
     model's choice for target n + 1 + j given the proposals before it.
     Returns pos long (b, k), decoder states h (b, k, d) and base logits (b, k, 256)."""
     pos = live.n[:, None] + 1 + ar_k
-    h = model.decoder_hidden(live.ctx, previous_token_inputs(live.proposals, pos), pos, cache,
-                             live.rows, live.layout(1))
-    return pos, h, model.logits(live.ctx, h, pos, 1, GATHERED)[:, :, 0]
+    h = session.decoder_hidden(live.ctx, previous_token_inputs(live.proposals, pos), pos, cache,
+                               live.rows, live.layout(1))
+    return pos, h, session.logits(live.ctx, h, pos, 1, GATHERED)[:, :, 0]
 
 
 def _without_finished(live: _Batch, ctx_all: EncoderContext, n_tokens: int) -> _Batch:

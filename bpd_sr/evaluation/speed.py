@@ -23,8 +23,10 @@ from bpd_sr.decoding.loop import (
     blockwise_parallel_decode,
     sequential_decode,
 )
+from bpd_sr.decoding.session import DecodingSession
+from bpd_sr.decoding.steptime import step_function
 from bpd_sr.evaluation.table import _decode
-from bpd_sr.model.tokens import BOS, downsample, previous_token_inputs
+from bpd_sr.model.tokens import downsample
 from bpd_sr.model.transformer import ImageTransformer
 from bpd_sr.quiet import quiet_stderr
 from bpd_sr.timing import median_seconds
@@ -35,99 +37,48 @@ from bpd_sr.training.trainspeed import synchronize
 def step_costs(model: ImageTransformer, ks: Iterable[int], repeats: int = 300,
                position: int = 1500) -> dict:
     """Seconds of one cached decoding step at batch 1, for each k, and their ratio to a sequential
-    step. A step over k tokens is what blockwise decoding runs: the decoder over k new tokens,
-    the base logits at all k, and the proposal heads at the one accepted position."""
-    lr = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
-    ctx = model.encode(lr)
-    cache = model.new_cache(1)
-    rows = torch.zeros(1, dtype=torch.long)
-    inputs = torch.full((1, 16), BOS - 1, dtype=torch.long)
-
-    def step(k: int):
-        pos = torch.arange(position, position + k)[None]
-        h = model.decoder_hidden(ctx, previous_token_inputs(inputs[:, :k] % 256, pos), pos, cache, rows)
-        base = model.logits(ctx, h, pos, 1)
-        if k > 1:
-            model.logits(ctx, h[:, -1:], pos[:, -1:], model.cfg.k)
-        return base
-
+    step. A step over k tokens is what blockwise decoding runs (``bpd_sr.decoding.steptime``)."""
+    session = DecodingSession(model)
     out = {}
     sequential = None
     for k in [1, *[k for k in ks if k != 1]]:
+        step = step_function(session, 1, k, position)
         for _ in range(20):
-            step(k)
-        sec = median_seconds(lambda k=k: step(k), repeats)
+            step()
+        sec = median_seconds(step, repeats)
         sequential = sec if k == 1 else sequential
         out[k] = {"seconds": sec, "ratio_to_sequential_step": sec / sequential}
     return out
 
 
-def _step_fn(model, variant: str, batch: int, k: int, position: int = 1500):
-    """A zero-argument function running one decoding step at batch ``batch`` over k tokens
-    the way decoding runs it: the decoder over k new tokens and the base logits at each, plus
-    (k > 1) the proposal slots at the last one. variant: "reference" (the module path on the
-    token-major cache: the step as it was), "eager" (``bpd_sr.model.step``) or "compiled"."""
-    from bpd_sr.decoding.compiled import uncompile_decoder
-
-    if variant != "compiled":
-        uncompile_decoder(model)
-    lr = torch.zeros(batch, 8, 8, 3, dtype=torch.uint8, device=next(model.parameters()).device)
-    ctx = model.encode(lr)
-    cache = model.new_cache(batch, reference=variant == "reference")
-    logits = model.reference_logits if variant == "reference" else model.logits
-    rows = torch.arange(batch, device=lr.device)
-    pos = torch.arange(position, position + k, device=lr.device).expand(batch, -1)
-    inputs = previous_token_inputs(torch.full_like(pos, 7), pos)
-
-    def step():
-        h = model.decoder_hidden(ctx, inputs, pos, cache, rows)
-        out = logits(ctx, h, pos, 1)
-        if k > 1:
-            logits(ctx, h[:, -1:], pos[:, -1:], model.cfg.k)
-        return out
-
-    return step
-
-
 @torch.inference_mode()
-def step_seconds(model, variants=("reference", "eager"), ks=(1, 8), batch: int = 1,
-                 rounds: int = 7, repeats: int = 50, compiled=None) -> dict:
-    """Median seconds of one decoding step per variant and k (``_step_fn``), measured in
-    interleaved rounds (every variant and k once per round, then the median over rounds of
-    each round's median) so that other load on the machine hits all of them alike.
-    compiled: the ``CompiledStep`` to use for the "compiled" variant."""
-    fns = {}
-    for v in variants:
-        for k in ks:
-            fns[(v, k)] = _step_fn(model, v, batch, k)
+def step_seconds(sessions: dict, ks=(1, 8), batch: int = 1, rounds: int = 7,
+                 repeats: int = 50) -> dict:
+    """Median seconds of one decoding step (``bpd_sr.decoding.steptime``) per session
+    (sessions: name -> ``DecodingSession``, e.g. eager and compiled) and k, measured in
+    interleaved rounds (every session and k once per round, then the median over rounds of
+    each round's median) so that other load on the machine hits all of them alike."""
+    fns = {(name, k): step_function(s, batch, k) for name, s in sessions.items() for k in ks}
     samples: dict = {key: [] for key in fns}
     for _ in range(rounds):
-        for (v, k), fn in fns.items():
-            if v == "compiled":
-                model._compiled_step = compiled
-            else:
-                model.__dict__.pop("_compiled_step", None)
+        for key, fn in fns.items():
             for _ in range(3):
                 fn()
-            samples[(v, k)].append(median_seconds(fn, repeats))
-    model.__dict__.pop("_compiled_step", None)
-    return {v: {k: statistics.median(samples[(v, k)]) for k in ks} for v in variants}
+            samples[key].append(median_seconds(fn, repeats))
+    return {name: {k: statistics.median(samples[(name, k)]) for k in ks} for name in sessions}
 
 
 @torch.inference_mode()
-def op_counts(model, variant: str, k: int = 1, batch: int = 1, compiled=None) -> dict:
+def op_counts(session: DecodingSession, k: int = 1, batch: int = 1) -> dict:
     """Operations one step runs (torch.profiler): top-level aten ops (the ones Python or a
     compiled graph called) and all aten calls (nested ones included)."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn = _step_fn(model, variant, batch, k)
-    if variant == "compiled":
-        model._compiled_step = compiled
+    fn = step_function(session, batch, k)
     for _ in range(3):
         fn()
     with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    model.__dict__.pop("_compiled_step", None)
     aten = [e for e in prof.events() if e.name.startswith("aten::")]
     top = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
     return {"top_level_aten_ops": len(top), "aten_calls": len(aten)}
@@ -197,23 +148,23 @@ def speed_report(model, hr: torch.Tensor | None = None, batch_sizes=(1, 8, 32, 6
                  compile_step: bool = True, n_tokens: int = 3072, rounds: int = 7,
                  progress=None) -> dict:
     """Everything the README's speed section shows, as data: per-step seconds at 1 and k
-    tokens for the step as it was, the eager step and the compiled one (with compile time),
+    tokens for the eager step and the compiled one (with compile time),
     operations per step, the weight-read floor, and seconds per image at each batch size."""
     import platform
 
-    compiled, compile_seconds, variants = None, None, ("reference", "eager")
+    sessions, compile_seconds = {"eager": DecodingSession(model)}, None
     if compile_step:
-        from bpd_sr.decoding.compiled import CompiledStep, warm_up
+        from bpd_sr.decoding.compiled import warm_up
 
         if progress:
             progress("compiling")
-        compiled = model._compiled_step = CompiledStep(model)
-        compile_seconds = warm_up(model, 1, (k,))
-        variants = ("reference", "eager", "compiled")
+        sessions["compiled"] = DecodingSession(model)
+        sessions["compiled"].compile()
+        compile_seconds = warm_up(sessions["compiled"], 1, (k,))
     if progress:
         progress("step costs")
-    steps = step_seconds(model, variants, (1, k), rounds=rounds, compiled=compiled)
-    ops = {v: {kk: op_counts(model, v, kk, compiled=compiled) for kk in (1, k)} for v in variants}
+    steps = step_seconds(sessions, (1, k), rounds=rounds)
+    ops = {v: {kk: op_counts(s, kk) for kk in (1, k)} for v, s in sessions.items()}
     bw = memory_bandwidth()
     weights = decoder_bytes(model)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
@@ -225,12 +176,11 @@ def speed_report(model, hr: torch.Tensor | None = None, batch_sizes=(1, 8, 32, 6
         "memory_bandwidth_bytes_per_second": bw, "weight_bytes": weights,
         "weight_read_floor_seconds": weights["one_token_step"] / bw,
         "ratios": {
-            "eager_1_over_reference_1": steps["eager"][1] / steps["reference"][1],
             f"eager_{k}_over_eager_1": steps["eager"][k] / steps["eager"][1],
         },
     }
-    if compiled is not None:
-        out["ratios"]["compiled_1_over_reference_1"] = steps["compiled"][1] / steps["reference"][1]
+    if "compiled" in steps:
+        out["ratios"]["compiled_1_over_eager_1"] = steps["compiled"][1] / steps["eager"][1]
         out["ratios"][f"compiled_{k}_over_compiled_1"] = steps["compiled"][k] / steps["compiled"][1]
     if hr is not None:
         out["seconds_per_image"] = seconds_per_image(model, hr, batch_sizes, n_tokens=n_tokens,
@@ -241,12 +191,11 @@ def speed_report(model, hr: torch.Tensor | None = None, batch_sizes=(1, 8, 32, 6
 def speed_markdown(r: dict) -> str:
     """The speed report (``speed_report``) as Markdown tables."""
     k, st, ops = r["k"], r["step_seconds"], r["ops_per_step"]
-    names = {"reference": "as it was (modules, token-major cache)", "eager": "eager step",
-             "compiled": "compiled step"}
-    ref1 = st["reference"][1]
+    names = {"eager": "eager step", "compiled": "compiled step"}
+    ref1 = st["eager"][1]
     lines = [f"CPU: {r['machine']['cpu']}, {r['machine']['threads']} thread(s), torch "
              f"{r['machine']['torch']}. One decoding step at batch 1 (medians of interleaved rounds):",
-             "", f"| step | 1 token (ms) | {k} tokens (ms) | {k} / 1 | 1 token / as it was "
+             "", f"| step | 1 token (ms) | {k} tokens (ms) | {k} / 1 | 1 token / eager "
              f"| aten ops per step: top-level, all (1 token) |", "|---|---|---|---|---|---|"]
     for v in st:
         lines.append(f"| {names.get(v, v)} | {st[v][1] * 1e3:.3f} | {st[v][k] * 1e3:.3f} | "

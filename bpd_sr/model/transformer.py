@@ -15,8 +15,10 @@
   predicts the token i positions ahead. With ``identity_first_slot`` slot 0 is the decoder
   output itself, so adding heads leaves the base model's predictions unchanged.
 
-Decoding functions (``bpd_sr.decoding.loop``) drive the model through ``encode``,
-``decoder_hidden`` and ``logits``; ``forward`` is the teacher-forced training pass.
+Decoding functions (``bpd_sr.decoding.loop``) drive the model through ``encode`` and a
+``bpd_sr.decoding.session.DecodingSession`` (the cached step); ``forward`` is the
+teacher-forced training pass. Both run the decoder's one implementation,
+``bpd_sr.model.decoder``.
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpd_sr.config import CHANNELS, HR_SIZE, N_HR_TOKENS, N_INTENSITIES, N_LR_TOKENS, ModelConfig
-from bpd_sr.model import step
-from bpd_sr.model.cache import FlatKVCache, KVCache, Layout
 from bpd_sr.model.conditioning import ConditioningNet
+from bpd_sr.model.decoder import decoder_layers, decoder_weights, local_attention
 from bpd_sr.model.layers import (
     DecoderLayer,
     EncoderLayer,
@@ -113,7 +114,6 @@ class ImageTransformer(nn.Module):
         self.col_emb = nn.Embedding(HR_SIZE, d)
         self.chan_emb = nn.Embedding(CHANNELS, d)
         self.lr_emb = nn.Embedding(CHANNELS * N_INTENSITIES, d) if cfg.lr_input_embedding else None
-        self.dec_drop = nn.Dropout(cfg.dropout)
         self.dec_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_dec_layer))
         self.dec_ln = nn.LayerNorm(d)
         self.heads = ProposalHeads(cfg)
@@ -174,71 +174,38 @@ class ImageTransformer(nn.Module):
         return F.pad(cond, (0, 0, 0, self.cfg.k))
 
     # ---- decoder -------------------------------------------------------------------
-    def decoder_hidden(
-        self,
-        ctx: EncoderContext,
-        inputs: torch.Tensor,
-        pos: torch.Tensor | None = None,
-        cache: KVCache | FlatKVCache | None = None,
-        rows: torch.Tensor | None = None,
-        layout: Layout = None,
-    ) -> torch.Tensor:
-        """Decoder output h (B, T, d).
+    def decoder_hidden(self, ctx: EncoderContext, inputs: torch.Tensor) -> torch.Tensor:
+        """Decoder output h (B, T, d) of positions 0..T-1 at once (teacher forcing).
 
         inputs: long (B, T) vocabulary ids of the token *before* each position
-            (``tokens.shift_right`` / ``tokens.previous_token_inputs``).
-        Full pass (no cache): inputs hold positions 0..T-1.
-        Incremental pass: pos long (B, T) contiguous positions of each row, the cache, and
-            rows long (B,) the cache row of each batch row. Positions past the context's
-            last one (3071, or n - 1 after ``encode(lr, n)``: look-ahead fed near the end)
-            reuse its embedding; their outputs are never used.
-            With a ``KVCache`` (``new_cache()``) this is ``bpd_sr.model.step.decoder_step``; with a
-            ``FlatKVCache`` (``new_cache(reference=True)``) the module path below, which
-            computes the same numbers with many more operations (the parity reference).
-            layout: what the caller knows of rows and pos on the host (``bpd_sr.model.cache``),
-            so that the step needs no host-device sync to plan itself.
-        """
-        if isinstance(cache, KVCache):
-            return step.decoder_step(self, ctx, inputs, pos, cache, rows, layout)
+        (``tokens.shift_right``). Decoding runs the same layers one step at a time on a
+        key/value cache (``bpd_sr.decoding.session``)."""
         b, t = inputs.shape
-        if cache is None:
-            blk = self.cfg.attn_block
-            t_pad = -(-t // blk) * blk
-            dec_pos = ctx.dec_pos if ctx.rows is None else ctx.dec_pos[ctx.rows]
-            x = self.dec_tok(F.pad(inputs, (0, t_pad - t))) + dec_pos[:, :t_pad]
-            win = None
-        else:
-            x = self.dec_tok(inputs) + ctx.position_embeddings(pos)
-            win = cache.window(rows, pos, self.cfg.attn_block)
-        x = self.dec_drop(x)
-        for i, layer in enumerate(self.dec_layers):
-            x = layer(x, ctx.cross_kv[i], cache, i, win)
-        return self.dec_ln(x)[:, :t]
+        blk = self.cfg.attn_block
+        t_pad = -(-t // blk) * blk
+        dec_pos = ctx.dec_pos if ctx.rows is None else ctx.dec_pos[ctx.rows]
+        x = self.dec_tok(F.pad(inputs, (0, t_pad - t))) + dec_pos[:, :t_pad]
+        dropout = self.cfg.dropout if self.training else 0.0
+        x = F.dropout(x, dropout) if dropout else x
 
-    def logits(
-        self, ctx: EncoderContext, h: torch.Tensor, pos: torch.Tensor, n_slots: int = 1,
-        layout: Layout = None,
-    ) -> torch.Tensor:
-        """Logits of the first n_slots slots: h (B, T, d), pos long (B, T) -> (B, T, n_slots, 256).
+        def all_at_once(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            return local_attention(q, kv, blk, dropout)
 
-        Slot i at position p predicts target p + i, so it gets the conditioning logits of p + i
-        (``bpd_sr.model.step.slot_logits``; layout as in ``decoder_hidden``).
-        """
-        return step.slot_logits(self, ctx, h, pos, n_slots, layout)
+        h = decoder_layers(decoder_weights(self), x, ctx.cross_kv, all_at_once, dropout=dropout)
+        return h[:, :t]
+
+    def logits(self, ctx: EncoderContext, h: torch.Tensor, pos: torch.Tensor,
+               n_slots: int = 1) -> torch.Tensor:
+        """Logits of the first n_slots slots: h (B, T, d), pos long (B, T) (any positions)
+        -> (B, T, n_slots, 256). Slot i at position p predicts target p + i, so it gets the
+        conditioning logits of p + i."""
+        return self.slot_outputs(h, n_slots) + ctx.slot_conditioning(pos, n_slots)
 
     def slot_outputs(self, h: torch.Tensor, n_slots: int) -> torch.Tensor:
         """The decoder's own logits of the first n_slots slots, without the conditioning:
         h (B, T, d) -> (B, T, n_slots, 256), through the proposal heads and the shared
         output layer."""
-        return self.out_proj(self.heads(h, n_slots))
-
-    def reference_logits(
-        self, ctx: EncoderContext, h: torch.Tensor, pos: torch.Tensor, n_slots: int = 1,
-        layout: Layout = None,
-    ) -> torch.Tensor:
-        """``logits`` through the modules and a flat gather: the parity reference (layout,
-        accepted for the same signature, changes nothing here)."""
-        return self.slot_outputs(h, n_slots) + ctx.slot_conditioning(pos, n_slots)
+        return F.linear(self.heads(h, n_slots), self.out_proj.weight, self.out_proj.bias)
 
     def forward(self, lr: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced training pass.
@@ -262,17 +229,3 @@ class ImageTransformer(nn.Module):
         the position modulo 3): (n, 1), in like's dtype and device."""
         per_colour = like.new_tensor(self.cfg.cond_scales)
         return per_colour[torch.arange(n, device=like.device) % CHANNELS].unsqueeze(-1)
-
-    def new_cache(
-        self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
-        reference: bool = False,
-    ) -> KVCache | FlatKVCache:
-        """A cache for ``batch`` images: by default 3072 positions plus k + 1 of look-ahead.
-        reference: the token-major ``FlatKVCache`` of the module path (parity tests, benchmark)."""
-        p = next(self.parameters())
-        n, dtype = max_len or N_HR_TOKENS + self.cfg.k + 1, dtype or p.dtype
-        cfg = self.cfg
-        if reference:
-            return FlatKVCache(cfg.n_dec_layer, batch, n, cfg.d_model, dtype, p.device)
-        return KVCache(cfg.n_dec_layer, batch, n, cfg.n_head, cfg.d_model // cfg.n_head,
-                       cfg.attn_block, dtype, p.device)

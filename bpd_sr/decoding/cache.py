@@ -18,9 +18,6 @@ copying, and the window's mask is made once per (offset in the block, T) and reu
 Rows at different positions (blockwise decoding of a batch) fall back to one flat
 ``index_copy_`` / ``index_select`` per layer.
 
-``FlatKVCache`` is the previous token-major layout, (batch * max_len, d_model) per layer read
-through ``index_select``. It is kept as the reference implementation: the module-based
-decoder path runs on it, and the parity tests and the benchmark compare against it.
 """
 
 from __future__ import annotations
@@ -55,10 +52,10 @@ Layout = tuple[int, int] | str | None
 class StepPlan:
     """Where one incremental decoder call writes and reads, shared by all layers.
 
-    Every query row reads the same window as the reference path: ``width`` = 2*attn_block +
-    T - 1 keys from start(p0) - attn_block, masked, so that the attention sums over the same
-    number of terms. (The CPU attention kernel rounds differently when the key count changes,
-    even by masked keys: reading the exact window without a mask differs in the last bit.)
+    Every query row reads a window of fixed width: ``width`` = 2*attn_block + T - 1 keys from
+    start(p0) - attn_block, masked. One width per T means one mask per (offset in the block,
+    T), made once and reused, and fixed shapes for the compiled step, which is specialised on
+    them.
 
     shared: every row sits at the same positions p0..p0+T-1 and the rows are the contiguous
         cache rows r0..r1-1; the window is the view [lo, lo + width) along the stored axis.
@@ -167,63 +164,3 @@ class KVCache:
         b = kv_new.shape[1]
         win = flat.index_select(0, plan.read_idx).view(2, b, self.n_head, plan.width, self.head_dim)
         return win[0], win[1]
-
-
-@dataclass
-class AttentionWindow:
-    """Where one incremental call of the reference path writes and reads (``FlatKVCache``).
-
-    write_idx: long (b*T,) flat cache slots of the T new tokens of each of b rows.
-    read_idx: long (b*L,) flat cache slots of the L keys each row's queries may see.
-    mask: bool (b, 1, T, L), True where query t may attend to key l.
-    """
-
-    write_idx: torch.Tensor
-    read_idx: torch.Tensor
-    mask: torch.Tensor
-    width: int
-
-
-class FlatKVCache:
-    """The reference layout: keys and values of ``n_layer`` layers, each stored as
-    (batch * max_len, d_model), so that writing and reading windows of many rows at different
-    positions is a single ``index_copy_`` / ``index_select``."""
-
-    def __init__(
-        self,
-        n_layer: int,
-        batch: int,
-        max_len: int,
-        d_model: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        shape = (batch * max_len, d_model)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.max_len = max_len
-
-    def window(self, rows: torch.Tensor, pos: torch.Tensor, attn_block: int) -> AttentionWindow:
-        """The masked local-1D window of new tokens: rows long (b,) cache rows; pos long (b, T)
-        contiguous positions of each row. Query q sees keys [start(q) - attn_block, q]."""
-        b, t = pos.shape
-        base = (rows * self.max_len)[:, None]
-        start = (pos[:, :1] // attn_block) * attn_block - attn_block  # (b, 1), may be < 0
-        width = 2 * attn_block + t - 1  # covers every key of every query in the row
-        key_pos = start + torch.arange(width, device=pos.device)  # (b, L)
-        mask = window_mask(pos[:, :, None], key_pos[:, None, :], attn_block)
-        read = base + key_pos.clamp(0, self.max_len - 1)  # clamped slots are masked (kp > qp)
-        return AttentionWindow((base + pos).reshape(-1), read.reshape(-1), mask[:, None], width)
-
-    def update(
-        self, layer: int, win: AttentionWindow, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (b, T, d) at the window's new positions; return the window's keys and
-        values, each (b, L, d)."""
-        b, t, d = k.shape
-        ck, cv = self.k[layer], self.v[layer]
-        ck.index_copy_(0, win.write_idx, k.reshape(b * t, d).to(ck.dtype))
-        cv.index_copy_(0, win.write_idx, v.reshape(b * t, d).to(cv.dtype))
-        kw = ck.index_select(0, win.read_idx).view(b, win.width, d)
-        vw = cv.index_select(0, win.read_idx).view(b, win.width, d)
-        return kw, vw
