@@ -95,6 +95,17 @@ def test_the_package_shows_its_layers():
     assert not long, f"modules over 400 lines: {long}"
 
 
+def test_no_function_over_60_lines():
+    """A function that does not fit on a screen does more than one thing (docstring included)."""
+    long = {}
+    for p in LIBRARY:
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if (n := node.end_lineno - node.lineno + 1) > 60:
+                    long[f"{p.relative_to(PACKAGE)}:{node.name}"] = n
+    assert not long, f"functions over 60 lines: {long}"
+
+
 def _referenced_names() -> tuple[dict[Path, set[str]], str]:
     """Names each library module reads (Name and Attribute nodes, not its imports), and the
     text of the notebook and the README, where the public API is used."""

@@ -183,28 +183,17 @@ def benchmark_command(data, limit, ks, epsilons, batch_sizes, rule, temperatures
                 f"k={k}: {c['ratio_to_sequential_step']:.2f}" for k, c in costs.items()))
     hr = load_faces(data, split="test", limit=max(limit, max(batch_sizes)))
     bar = tqdm(disable=quiet, desc="table")
-    result["table"] = paper_table.table(model, hr[:limit], ks, epsilons,
-                                  progress=lambda s: bar.set_postfix_str(s) or bar.update(1),
-                                  rule=rule)
+    result["table"] = paper_table.table(
+        model, hr[:limit], ks, epsilons, rule=rule,
+        progress=lambda s: bar.set_postfix_str(s) or bar.update(1))
     bar.close()
-    temps = temperatures
-    if temps:
-        result["sampling"] = paper_table.sampling_table(model, hr[:limit], temps, sampling_k)
+    if temperatures:
+        result["sampling"] = paper_table.sampling_table(model, hr[:limit], temperatures, sampling_k)
     configs = [(1, 0)] + [(k, e) for k in ks for e in epsilons]
-    result["throughput"] = paper_table.throughput(model, hr, batch_sizes, configs,
-                                          rule=rule)
+    result["throughput"] = paper_table.throughput(model, hr, batch_sizes, configs, rule=rule)
     out = Path(out_dir)
     _write_json(str(out / "benchmark.json"), result)
-    md = paper_table.markdown_table(result["table"])
-    thr = "\n".join(f"| {r['batch_size']} | {r['k']} | {r['epsilon']} | {r['images_per_second']:.3f} "
-                    f"| {r['mean_accepted']:.2f} |" for r in result["throughput"])
-    md += ("\n\n| batch | k | epsilon | images/s | mean block |\n|---|---|---|---|---|\n" + thr + "\n")
-    if temps:
-        md += ("\n| temperature | k | mean block | s/image | speed-up over plain sampling | PSNR | SSIM |\n"
-               "|---|---|---|---|---|---|---|\n" + "\n".join(
-                   f"| {r['temperature']} | {r['k'] if r['k'] > 1 else '1 (plain)'} | {r['mean_accepted']:.2f} | "
-                   f"{r['seconds_per_image']:.2f} | {r['speedup']:.2f}x | {r['psnr']:.2f} | {r['ssim']:.3f} |"
-                   for r in result["sampling"]) + "\n")
+    md = paper_table.benchmark_markdown(result)
     write_atomic(out / "table.md", lambda f: f.write(md.encode()))
     written = ["benchmark.json", "table.md"]
     if plots:

@@ -143,9 +143,7 @@ def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, ep
     decoding, files this tool wrote are skipped, and every file is written atomically. A bad
     file is reported and skipped; the exit code is then 1.
     """
-    from pathlib import Path
-
-    from bpd_sr.io import imageio, outputs
+    from bpd_sr.decoding.session import DecodingSession
     from bpd_sr.upscale import DecodeSettings, upscale_file
 
     if samples is not None and temperature == 0:
@@ -156,24 +154,10 @@ def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, ep
         raise click.UsageError("--sequential decodes one token per step: --k and --epsilon do "
                                "not apply")
     # 1. inputs, and the names of every output, before any decoding
-    found = imageio.find_images(list(paths), recursive)
-    if found.skipped and not quiet:
-        click.echo(f"skipped {len(found.skipped)} file(s) that bpd-sr wrote itself")
-    plans, refused = outputs.plan_outputs(found.files, found.relative,
-                                          Path(out_dir) if out_dir else None, suffix,
-                                          samples or 1, heatmap, compare)
-    failed = found.errors + refused
-    if not plans:
-        _report_failures(failed)
-        raise click.ClickException("no images to upscale")
-    for folder in sorted({p.parent for names in plans.values() for p in names.all()}):
-        _writable_folder(folder, "output folder")  # before hours of decoding, not after
+    plans, failed = _plan(paths, recursive, out_dir, suffix, samples, heatmap, compare, quiet)
     # 2. the model, and the k that decodes every input (auto: chosen once, from the first)
-    model = _upscale_model(checkpoint, device, threads, k)
-    from bpd_sr.decoding.session import DecodingSession
-
-    session = DecodingSession(model)  # what every decode below shares (a compiled step)
-    k = min(DEFAULT_K, model.cfg.k) if k is None else k
+    session = DecodingSession(_upscale_model(checkpoint, device, threads, k))  # shared by all
+    k = min(DEFAULT_K, session.model.cfg.k) if k is None else k
     if k == "auto" and not greedy:
         k = _choose_k(session, _first_input(plans, crop), epsilon, rule, temperature, quiet)
     settings = DecodeSettings(greedy, k, epsilon, temperature, seed, rule)
@@ -198,6 +182,29 @@ def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, ep
     if failed:
         _report_failures(failed)
         sys.exit(1)
+
+
+def _plan(paths, recursive: bool, out_dir, suffix: str, samples, heatmap: bool, compare: bool,
+          quiet: bool):
+    """(inputs -> the names of their outputs, failures so far), every output folder
+    checked writable before any decoding; no input at all is a one-line error."""
+    from pathlib import Path
+
+    from bpd_sr.io import imageio, outputs
+
+    found = imageio.find_images(list(paths), recursive)
+    if found.skipped and not quiet:
+        click.echo(f"skipped {len(found.skipped)} file(s) that bpd-sr wrote itself")
+    plans, refused = outputs.plan_outputs(found.files, found.relative,
+                                          Path(out_dir) if out_dir else None, suffix,
+                                          samples or 1, heatmap, compare)
+    failed = found.errors + refused
+    if not plans:
+        _report_failures(failed)
+        raise click.ClickException("no images to upscale")
+    for folder in sorted({p.parent for names in plans.values() for p in names.all()}):
+        _writable_folder(folder, "output folder")  # before hours of decoding, not after
+    return plans, failed
 
 
 def _upscale_model(checkpoint: str | None, device: str, threads: int | None, k: int | str):

@@ -244,24 +244,9 @@ def blockwise_parallel_decode(
     or a ``DecodingSession`` of it (compiled step, memos).
     """
     session = DecodingSession.of(model)
-    model = session.model
-    if k == "auto":
-        raise ValueError('k="auto" is measured by bpd_sr.decoding.autok.auto_decode')
-    k = model.cfg.k if k is None else k
-    if not isinstance(k, int) or not 1 <= k <= model.cfg.k:
-        raise ValueError(f"k must be in 1..{model.cfg.k} for this model, got {k}")
-    if not 1 <= min_block <= k:
-        raise ValueError(f"min_block must be in 1..k, got {min_block}")
-    if epsilon < 0:
-        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-    check_rule(rule)
-    if temperature > 0:
-        if epsilon or top_t is not None or min_block > 1 or proposer is not None:
-            raise ValueError("sampling (temperature > 0) uses its own exact acceptance rule")
-        acceptor = SpeculativeAcceptor(k, temperature, generator)
-    else:
-        acceptor = RuleAcceptor(k, proposer or rule_proposer(rule), rule, epsilon, top_t,
-                                min_block, refine)
+    acceptor = _acceptor(session.model.cfg.k, k, epsilon, top_t, min_block, proposer, rule,
+                         refine, temperature, generator)
+    k = acceptor.k
     t0 = time.perf_counter()
     lr, ctx_all, cache = _prepare(session, lr, n_tokens)
     b, dev = lr.shape[0], lr.device
@@ -279,6 +264,28 @@ def blockwise_parallel_decode(
         _propose_next(session, live, h, pos, n_ok, verdict, acceptor, n_tokens)  # 1. propose
         live = _without_finished(live, ctx_all, n_tokens)
     return record.result(n_tokens, calls, t0)
+
+
+def _acceptor(n_slots: int, k, epsilon, top_t, min_block, proposer, rule, refine,
+              temperature, generator):
+    """The acceptor of a decode's settings (``blockwise_parallel_decode``'s), checked: one
+    line of ValueError for a bad one. n_slots: the model's proposal slots."""
+    if k == "auto":
+        raise ValueError('k="auto" is measured by bpd_sr.decoding.autok.auto_decode')
+    k = n_slots if k is None else k
+    if not isinstance(k, int) or not 1 <= k <= n_slots:
+        raise ValueError(f"k must be in 1..{n_slots} for this model, got {k}")
+    if not 1 <= min_block <= k:
+        raise ValueError(f"min_block must be in 1..k, got {min_block}")
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    check_rule(rule)
+    if temperature > 0:
+        if epsilon or top_t is not None or min_block > 1 or proposer is not None:
+            raise ValueError("sampling (temperature > 0) uses its own exact acceptance rule")
+        return SpeculativeAcceptor(k, temperature, generator)
+    return RuleAcceptor(k, proposer or rule_proposer(rule), rule, epsilon, top_t, min_block,
+                        refine)
 
 
 def _start(session: DecodingSession, ctx_all: EncoderContext, cache, acceptor) -> _Batch:

@@ -74,12 +74,21 @@ def table(
         sequential_decode(model, lr[:1], rule=rule)
     configs = list(dict.fromkeys(
         [(1, 0)] + [(k, e) for k in ks for e in epsilons if k <= model.cfg.k]))
-    # interleaved: each face is decoded by every configuration in turn, so that load from
-    # other work (or a machine's drift) falls on all of them alike, sequential included
+    rows = _rows(_decode_interleaved(model, lr, configs, rule, progress), ref)
+    below = np.mean(np.asarray(rows[0]["psnr_per_image"]) < quality(upscale_bicubic(lr_np), ref)["psnr_per_image"])
+    return {"n_images": n, "rule": rule, "baselines": baselines,
+            "sequential_share_below_bicubic": float(below), "rows": rows}
+
+
+def _decode_interleaved(model, lr: torch.Tensor, configs: list, rule: str, progress) -> dict:
+    """Every face at batch 1 by every (k, epsilon) of configs (k = 1: sequential) ->
+    {config: {"secs", "images", "accepted", "calls"}}. Interleaved: each face is decoded by
+    every configuration in turn, so that load from other work (or a machine's drift) falls
+    on all of them alike, sequential included."""
     decoded = {c: {"secs": [], "images": [], "accepted": [], "calls": 0} for c in configs}
-    for i in range(n):
+    for i in range(len(lr)):
         if progress:
-            progress(f"face {i + 1}/{n}")
+            progress(f"face {i + 1}/{len(lr)}")
         for k, eps in configs:
             res = _decode(model, lr[i : i + 1], k, eps, rule)
             d = decoded[(k, eps)]
@@ -87,6 +96,13 @@ def table(
             d["images"].append(res.images)
             d["accepted"] += res.accepted
             d["calls"] += res.model_calls
+    return decoded
+
+
+def _rows(decoded: dict, ref: np.ndarray) -> list[dict]:
+    """The table's rows from ``_decode_interleaved``'s decodes (sequential first) of the
+    faces ref uint8 (N, 32, 32, 3)."""
+    n = len(ref)
     rows = []
     greedy_images = torch.cat(decoded[(1, 0)]["images"])
     greedy_sec = statistics.median(decoded[(1, 0)]["secs"])
@@ -103,9 +119,7 @@ def table(
             "psnr_per_image": [float(x) for x in q["psnr_per_image"]],
             "identical_to_sequential": same,
         })
-    below = np.mean(np.asarray(rows[0]["psnr_per_image"]) < quality(upscale_bicubic(lr_np), ref)["psnr_per_image"])
-    return {"n_images": n, "rule": rule, "baselines": baselines,
-            "sequential_share_below_bicubic": float(below), "rows": rows}
+    return rows
 
 
 def sampling_table(
@@ -235,4 +249,22 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["PAPER_TABLE2", "markdown_table", "plot", "sampling_table", "table", "throughput"]
+def benchmark_markdown(result: dict) -> str:
+    """The benchmark's Markdown: the paper's table (``markdown_table``), the throughput at
+    each batch size and, when measured, the sampling table."""
+    md = markdown_table(result["table"])
+    md += ("\n\n| batch | k | epsilon | images/s | mean block |\n|---|---|---|---|---|\n"
+           + "\n".join(f"| {r['batch_size']} | {r['k']} | {r['epsilon']} | "
+                       f"{r['images_per_second']:.3f} | {r['mean_accepted']:.2f} |"
+                       for r in result["throughput"]) + "\n")
+    if result.get("sampling"):
+        md += ("\n| temperature | k | mean block | s/image | speed-up over plain sampling | PSNR "
+               "| SSIM |\n|---|---|---|---|---|---|---|\n" + "\n".join(
+                   f"| {r['temperature']} | {r['k'] if r['k'] > 1 else '1 (plain)'} | "
+                   f"{r['mean_accepted']:.2f} | {r['seconds_per_image']:.2f} | {r['speedup']:.2f}x "
+                   f"| {r['psnr']:.2f} | {r['ssim']:.3f} |" for r in result["sampling"]) + "\n")
+    return md
+
+
+__all__ = ["PAPER_TABLE2", "benchmark_markdown", "markdown_table", "plot", "sampling_table",
+           "table", "throughput"]

@@ -113,19 +113,21 @@ def conditioning_psnr(net: ConditioningNet, hr: torch.Tensor, batch_size: int = 
             "val_bpd": round(nll / hr.numel() / math.log(2), 4)}
 
 
-def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train a new conditioning net for the model in ``cfg.init``; write ``out/cond.pt``
-    (the whole model with the new net) and return its path."""
-    out = Path(cfg.out)
-    last = out / "last.pt"
-    state = None
+def _resumed(cfg: CondFitConfig, resume: bool) -> tuple[CondFitConfig, dict | None]:
+    """The run's config and its checkpoint when resuming; refuses to overwrite a run."""
+    last = Path(cfg.out) / "last.pt"
     if resume:
         if not last.exists():
-            raise CondFitError(f"nothing to resume in {out} (no last.pt)")
+            raise CondFitError(f"nothing to resume in {cfg.out} (no last.pt)")
         state = load_checkpoint(last)
-        cfg = CondFitConfig.from_dict(state["cond_fit_config"])
-    elif last.exists():
-        raise CondFitError(f"{out} already holds a run: use --resume, or another --out")
+        return CondFitConfig.from_dict(state["cond_fit_config"]), state
+    if last.exists():
+        raise CondFitError(f"{cfg.out} already holds a run: use --resume, or another --out")
+    return cfg, None
+
+
+def _model_with_net(cfg: CondFitConfig, state: dict | None):
+    """(cfg, the model of cfg.init with the net to train), the settings checked first."""
     if cfg.width < 1 or cfg.blocks < 0 or cfg.steps < 1:
         raise CondFitError("width and steps must be positive and blocks >= 0")
     if cfg.head not in ("gaussian", "logits"):
@@ -147,6 +149,26 @@ def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path
         raise CondFitError("the regression objective needs the gaussian head")
     if state is not None:
         model.load_state_dict(state["model"])
+    return cfg, model
+
+
+def _batch_loss(cfg: CondFitConfig, net: ConditioningNet, train: torch.Tensor,
+                g: torch.Generator):
+    """(loss, stats) of one augmented batch of training faces."""
+    idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
+    hr = augment_faces(train[idx], g, cfg.max_zoom, cfg.max_shift,
+                       reframed_share=cfg.reframed_share)
+    if cfg.objective == "regression":
+        return regression_loss(*net.gaussian_parameters(downsample(hr), detach_scale=True), hr)
+    return conditioning_loss(net(downsample(hr)), image_to_tokens(hr), cfg.value_loss_weight)
+
+
+def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train a new conditioning net for the model in ``cfg.init``; write ``out/cond.pt``
+    (the whole model with the new net) and return its path."""
+    out = Path(cfg.out)
+    cfg, state = _resumed(cfg, resume)
+    cfg, model = _model_with_net(cfg, state)
     net = model.cond.train()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, log = 0, []
@@ -155,17 +177,11 @@ def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path
         opt.load_state_dict(state["optimizer"])
         step, log = state["step"], state["log"]
         g.set_state(state["rng"])
-
     faces = load_faces(cfg.data, progress=progress)
     if len(faces) <= cfg.n_val:
         raise CondFitError(f"{cfg.data}: {len(faces)} faces, not more than --n-val {cfg.n_val}")
-    val, train = faces[-cfg.n_val:], faces[: len(faces) - cfg.n_val] if cfg.n_val else faces
-
-    def save(path: Path) -> None:
-        save_checkpoint(path, model, extra={
-            "cond_fit_config": cfg.to_dict(), "optimizer": opt.state_dict(), "step": step,
-            "log": log, "rng": g.get_state()})
-
+    # the last n_val faces are held out (faces[-0:] would be all of them)
+    val, train = faces[len(faces) - cfg.n_val:], faces[: len(faces) - cfg.n_val]
     t_ckpt = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, desc="fit cond net", disable=not progress,
                dynamic_ncols=True)
@@ -173,15 +189,7 @@ def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path
         for group in opt.param_groups:
             group["lr"] = cfg.lr * warmup_cosine(
                 step, cfg.warmup_steps, step_progress(step, cfg.warmup_steps, cfg.steps), 0.02)
-        idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
-        hr = augment_faces(train[idx], g, cfg.max_zoom, cfg.max_shift,
-                           reframed_share=cfg.reframed_share)
-        if cfg.objective == "regression":
-            loss, stats = regression_loss(
-                *net.gaussian_parameters(downsample(hr), detach_scale=True), hr)
-        else:
-            loss, stats = conditioning_loss(net(downsample(hr)), image_to_tokens(hr),
-                                            cfg.value_loss_weight)
+        loss, stats = _batch_loss(cfg, net, train, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -190,20 +198,36 @@ def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            entry = {"step": step, **{k: round(float(v), 4) for k, v in stats.items()}}
-            if cfg.n_val:
-                entry.update(conditioning_psnr(net, val))
-                best_psnr = max((e.get("val_psnr", -1.0) for e in log), default=-1.0)
-                if entry["val_psnr"] > best_psnr:  # keep the best on held-out faces
-                    save_checkpoint(out / "best.pt", model, extra={"step": step})
-            log.append(entry)
-            if progress:
-                tqdm.write(json.dumps(entry))
+            log.append(_log_entry(step, stats, net, val, model, out, log, progress))
         if time.perf_counter() - t_ckpt > cfg.ckpt_minutes * 60 or step == cfg.steps:
-            save(last)
+            save_checkpoint(out / "last.pt", model, extra={
+                "cond_fit_config": cfg.to_dict(), "optimizer": opt.state_dict(), "step": step,
+                "log": log, "rng": g.get_state()})
             t_ckpt = time.perf_counter()
     bar.close()
-    if (out / "best.pt").exists():  # the net that did best on the held-out faces
+    return _finish(cfg, model, log)
+
+
+def _log_entry(step: int, stats: dict, net, val: torch.Tensor, model, out: Path, log: list,
+               progress: bool) -> dict:
+    """The log line of a step; the model is kept as best.pt when the net did best so far on
+    the held-out faces."""
+    entry = {"step": step, **{k: round(float(v), 4) for k, v in stats.items()}}
+    if len(val):
+        entry.update(conditioning_psnr(net, val))
+        best_psnr = max((e.get("val_psnr", -1.0) for e in log), default=-1.0)
+        if entry["val_psnr"] > best_psnr:
+            save_checkpoint(out / "best.pt", model, extra={"step": step})
+    if progress:
+        tqdm.write(json.dumps(entry))
+    return entry
+
+
+def _finish(cfg: CondFitConfig, model, log: list) -> Path:
+    """The model with the net that did best on the held-out faces (else the last), written
+    as cond.pt beside the log."""
+    out = Path(cfg.out)
+    if (out / "best.pt").exists():
         model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
     model.eval()
     with open(out / "log.jsonl", "w") as f:

@@ -157,6 +157,25 @@ def head_agreement(model: ImageTransformer, data: DecodeStates, epsilon: int = 2
     }
 
 
+def _heads_loss(model: ImageTransformer, data: DecodeStates, idx: torch.Tensor,
+                pos: torch.Tensor, rule: str, value_loss_weight: float) -> torch.Tensor:
+    """The loss of slots 1..k-1 at positions pos long (b, P) of decodes idx long (b,) (see
+    ``fit_heads``)."""
+    k = model.cfg.k
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = _slot_logits(model, data, idx, pos, k)[:, :, 1:]  # (b, P, k-1, 256)
+    tgt, valid = _targets(data, idx, pos, k)
+    logits = logits.to(model.out_proj.weight.dtype).flatten(0, 2)
+    target = tgt[:, :, 1:].flatten()
+    per_token = F.cross_entropy(logits, target, reduction="none")
+    if rule == "mean" and value_loss_weight > 0:
+        value = expected_intensity(logits, torch.float32)
+        per_token = per_token + value_loss_weight * F.huber_loss(
+            value, target.float(), reduction="none", delta=2.0)
+    w = valid[:, :, 1:].flatten().float()
+    return (per_token * w).sum() / w.sum()
+
+
 def fit_heads(
     model: ImageTransformer,
     train: DecodeStates,
@@ -183,7 +202,6 @@ def fit_heads(
     intensity and that token: acceptance tests the slot's rule value, not its probability.
     Cosine learning-rate decay over ``steps`` after a linear warm-up. Returns the log.
     """
-    k = model.cfg.k
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("heads."))
     params = list(model.heads.parameters())
@@ -199,18 +217,7 @@ def fit_heads(
             group["lr"] = lr * scale
         idx = torch.randint(len(train), (batch_images,), generator=g)
         pos = torch.randint(N_HR_TOKENS, (batch_images, positions), generator=g)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = _slot_logits(model, train, idx, pos, k)[:, :, 1:]  # (b, P, k-1, 256)
-        tgt, valid = _targets(train, idx, pos, k)
-        logits = logits.to(model.out_proj.weight.dtype).flatten(0, 2)
-        target = tgt[:, :, 1:].flatten()
-        per_token = F.cross_entropy(logits, target, reduction="none")
-        if rule == "mean" and value_loss_weight > 0:
-            value = expected_intensity(logits, torch.float32)
-            per_token = per_token + value_loss_weight * F.huber_loss(
-                value, target.float(), reduction="none", delta=2.0)
-        w = valid[:, :, 1:].flatten().float()
-        loss = (per_token * w).sum() / w.sum()
+        loss = _heads_loss(model, train, idx, pos, rule, value_loss_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

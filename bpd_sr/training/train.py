@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -43,6 +42,7 @@ from bpd_sr.model.transformer import ImageTransformer
 from bpd_sr.training.distill import distill_targets
 from bpd_sr.training.loss import evaluate_heads, sr_loss
 from bpd_sr.training.schedule import warmup_cosine
+from bpd_sr.training.stopping import sigterm_as_interrupt
 from bpd_sr.training.trainspeed import StepFunction, StepProfiler, bf16_native, synchronize
 
 REGIMES = ("base", "regular", "finetune", "distill")
@@ -272,19 +272,15 @@ def export_now(run: Run) -> None:
     save_checkpoint(run.cfg.export_path, run.model, extra={"about": about}, dtype=torch.bfloat16)
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run (or resume) one training run; returns the path of its final checkpoint.
-
-    Interrupted (Ctrl-C or SIGTERM), it saves its checkpoint (and export) before it stops."""
-    rank, world, device = _dist_setup()
+def _restore(cfg: TrainConfig, resume: bool, rank: int, device: torch.device, progress: bool):
+    """(run, training faces on the device, held-out faces): the run fresh or from its
+    last checkpoint (distillation replaces the training faces by the base's decodes)."""
     last = Path(cfg.out) / "last.pt"
-    # 1. what to continue from
     state = load_checkpoint(last) if resume and last.exists() else None
     anchor: tuple[float, int, float] = (0.0, 0, 0.0)
     if state is not None:
         cfg, anchor = resumed_config(cfg, state, last)
     torch.manual_seed(cfg.seed + rank)
-    # 2. data and model (distillation replaces the targets by the base's decodes)
     train_images, val_images = split_faces(cfg, progress and rank == 0)
     model = build_model(cfg) if state is None else ImageTransformer(
         ModelConfig.from_dict(state["model_config"]))
@@ -294,21 +290,29 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         train_images = distill_targets(base, train_images.to(device), cache,
                                        progress=progress and rank == 0).cpu()
         del base
-    train_images = train_images.to(device)
     if state is not None:
         model.load_state_dict(state["model"])
     model.to(device).train()
-    # 3. optimizer, restored state
     opt, params = make_optimizer(cfg, model, device)
     run = Run(cfg, model, opt, params, anchor=anchor)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         run.step, run.seconds, run.log = state["step"], state["train_seconds"], state.get("log", [])
         torch.set_rng_state(state["rng"]["torch"])
-    ddp_model = model
+    return run, train_images.to(device), val_images
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) one training run; returns the path of its final checkpoint.
+
+    Interrupted (Ctrl-C or SIGTERM), it saves its checkpoint (and export) before it stops."""
+    rank, world, device = _dist_setup()
+    run, train_images, val_images = _restore(cfg, resume, rank, device, progress)
+    cfg, last = run.cfg, Path(run.cfg.out) / "last.pt"
+    ddp_model = run.model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            run.model, device_ids=[device.index] if device.type == "cuda" else None)
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and bf16_native(device))
 
     def amp():
@@ -319,45 +323,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     profiler = StepProfiler(Path(cfg.out) / "profile.txt", device, cfg.profile_steps if rank == 0 else 0,
                             header=f"regime {cfg.regime}, k {cfg.k}, batch {cfg.batch_size} x "
                                    f"{world}, {device}, {'bf16' if use_bf16 else 'fp32'}")
-    # 4. the loop: step, log, checkpoint. No host sync per step: losses are read (and a GPU
-    # waited for) only at log points, and images/s is measured over the steps between them.
     bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not progress or rank != 0,
                desc=f"train {cfg.regime}", dynamic_ncols=True)
-    last_ckpt = last_export = time.monotonic()
-    since, since_t = 0, time.perf_counter()
     interrupted = False
-
-    def stop(signum, frame):  # SIGTERM: stop like Ctrl-C, saving first
-        raise KeyboardInterrupt
-
-    old_term = signal.signal(signal.SIGTERM, stop) if _main_thread() else None
     try:
-        while not run.out_of_budget():
-            t0 = time.perf_counter()
-            loss, stats = train_step(run, ddp_model, train_images, amp, rank, world, step_fn)
-            run.seconds += time.perf_counter() - t0
-            run.step += 1
-            since += 1
-            bar.update(1)
-            profiler.step_done()
-            if rank == 0 and (run.step % cfg.eval_every == 0 or run.out_of_budget()):
-                synchronize(device)
-                rate = since * cfg.batch_size * world / (time.perf_counter() - since_t)
-                bar.set_postfix(loss=f"{float(loss):.3f}", bpd=f"{float(stats['bpd']):.3f}",
-                                img_s=f"{rate:.0f}")
-                log_entry(run, stats, rate, world, val_images, amp, progress, step_fn.notes)
-                since, since_t = 0, time.perf_counter()
-            if rank == 0 and time.monotonic() - last_ckpt > 60 * cfg.ckpt_minutes:
-                run.save(last)
-                last_ckpt = time.monotonic()
-            if rank == 0 and cfg.export_path and time.monotonic() - last_export > 60 * cfg.export_minutes:
-                export_now(run)
-                last_export = time.monotonic()
+        with sigterm_as_interrupt():
+            _loop(run, ddp_model, train_images, val_images, amp, rank, world, step_fn, profiler,
+                  bar, progress)
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
         profiler.stop()
         bar.close()
     if rank == 0:
@@ -373,10 +348,35 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     return last
 
 
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+def _loop(run: Run, ddp_model, train_images, val_images, amp, rank: int, world: int, step_fn,
+          profiler, bar, progress: bool) -> None:
+    """Step, log, checkpoint until the run's budget is spent. No host sync per step: losses
+    are read (and a GPU waited for) only at log points, and images/s is measured over the
+    steps between them."""
+    cfg, device = run.cfg, train_images.device
+    last_ckpt = last_export = time.monotonic()
+    since, since_t = 0, time.perf_counter()
+    while not run.out_of_budget():
+        t0 = time.perf_counter()
+        loss, stats = train_step(run, ddp_model, train_images, amp, rank, world, step_fn)
+        run.seconds += time.perf_counter() - t0
+        run.step += 1
+        since += 1
+        bar.update(1)
+        profiler.step_done()
+        if rank == 0 and (run.step % cfg.eval_every == 0 or run.out_of_budget()):
+            synchronize(device)
+            rate = since * cfg.batch_size * world / (time.perf_counter() - since_t)
+            bar.set_postfix(loss=f"{float(loss):.3f}", bpd=f"{float(stats['bpd']):.3f}",
+                            img_s=f"{rate:.0f}")
+            log_entry(run, stats, rate, world, val_images, amp, progress, step_fn.notes)
+            since, since_t = 0, time.perf_counter()
+        if rank == 0 and time.monotonic() - last_ckpt > 60 * cfg.ckpt_minutes:
+            run.save(Path(cfg.out) / "last.pt")
+            last_ckpt = time.monotonic()
+        if rank == 0 and cfg.export_path and time.monotonic() - last_export > 60 * cfg.export_minutes:
+            export_now(run)
+            last_export = time.monotonic()
 
 
 if __name__ == "__main__":
