@@ -418,14 +418,21 @@ def test_benchmark_needs_data_and_says_only_what_it_wrote(tmp_path, tiny_ckpt):
     assert f"wrote {tmp_path / 'c' / 'benchmark.json'}, {tmp_path / 'c' / 'table.md'}" in res.output
 
 
-def test_export_makes_a_small_loadable_copy(tmp_path, tiny_ckpt):
-    res = run("export", tiny_ckpt, tmp_path / "small.pt")
+@pytest.mark.parametrize("dtype", [None, "fp16"])
+def test_export_makes_a_small_loadable_copy(tmp_path, tiny_ckpt, dtype):
+    res = run("export", tiny_ckpt, tmp_path / "small.pt", *(["--dtype", dtype] if dtype else []))
     assert res.exit_code == 0, res.output
     from bpd_sr.io.pretrained import load_checkpoint, model_from_checkpoint
 
     ck = load_checkpoint(tmp_path / "small.pt")
-    assert next(iter(ck["model"].values())).dtype == torch.bfloat16
-    assert model_from_checkpoint(tmp_path / "small.pt").cfg.k == 4
+    want = torch.float16 if dtype == "fp16" else torch.bfloat16  # bf16 by default
+    assert {t.dtype for t in ck["model"].values() if t.is_floating_point()} == {want}
+    model = model_from_checkpoint(tmp_path / "small.pt")
+    assert model.cfg.k == 4
+    # the copy decodes like the original, to its precision
+    original = model_from_checkpoint(tiny_ckpt)
+    for name, t in original.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name].float(), t.float(), rtol=1e-2, atol=1e-2)
 
 
 def test_upscale_samples_at_a_temperature(tmp_path, tiny_ckpt):
