@@ -5,6 +5,7 @@ quality of what each configuration decoded (PSNR / SSIM against the true faces) 
 tokens per step. Shipped weights, the default rule, one thread. Prints and writes JSON.
 
 usage: python docs/benchmark/tolerance/speed.py FACES.npz N BATCH ROUNDS OUT.json K:EPS [K:EPS ...]
+       [--checkpoint=PATH]   (another model than the shipped weights)
 """
 
 import json
@@ -22,9 +23,10 @@ torch.set_num_threads(1)
 faces, n, batch, rounds, out_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
     int(sys.argv[4]), sys.argv[5]
 configs = {"sequential": None}
+options = [a for a in sys.argv[6:] if a.startswith("--checkpoint=")]
 configs.update({f"k={c.split(':')[0]} eps={c.split(':')[1]}": tuple(map(int, c.split(":")))
-                for c in sys.argv[6:]})
-model = load_pretrained()
+                for c in sys.argv[6:] if c not in options})
+model = load_pretrained(options[-1].split("=", 1)[1] if options else None)
 hr = torch.as_tensor(np.load(faces)["images"][:n])
 lr = downsample(hr)
 seconds = {name: 0.0 for name in configs}
