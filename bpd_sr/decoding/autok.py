@@ -224,14 +224,15 @@ def auto_decode(model, lr: torch.Tensor, generator: torch.Generator | None = Non
                 n_tokens: int = N_HR_TOKENS, **rule) -> DecodeResult:
     """Decode ``lr`` (uint8 (B, 8, 8, 3)) with the k that ``choose_k`` measures for this batch
     size and acceptance rule (``blockwise_parallel_decode``'s keywords): blockwise with that
-    k, or sequential decoding when no k pays."""
-    model = DecodingSession.of(model)
-    k = choose_k(model, lr, **rule).k
+    k, or sequential decoding when no k pays. model: the model or a ``DecodingSession``;
+    the choice is remembered by the session, and the decode runs on it."""
+    session = DecodingSession.of(model)
+    k = choose_k(session, lr, **rule).k
     if k == 1:
-        return sample_decode(model, lr, rule.get("temperature", 0.0), generator, n_tokens,
+        return sample_decode(session, lr, rule.get("temperature", 0.0), generator, n_tokens,
                              rule=rule.get("rule", DEFAULT_RULE))
     rule["min_block"] = min(rule.get("min_block", 1), k)
-    return blockwise_parallel_decode(model, lr, k=k, generator=generator, n_tokens=n_tokens,
+    return blockwise_parallel_decode(session, lr, k=k, generator=generator, n_tokens=n_tokens,
                                      **rule)
 
 

@@ -59,10 +59,8 @@ class DecodingSession:
     def new_cache(self, batch: int, max_len: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
         """A cache for ``batch`` images: by default 3072 positions plus k + 1 of look-ahead."""
-        m = self.model
-        p = next(m.parameters())
-        n, dtype = max_len or N_HR_TOKENS + m.cfg.k + 1, dtype or p.dtype
-        cfg = m.cfg
+        cfg, p = self.model.cfg, next(self.model.parameters())
+        n, dtype = max_len or N_HR_TOKENS + cfg.k + 1, dtype or p.dtype
         return KVCache(cfg.n_dec_layer, batch, n, cfg.n_head, cfg.d_model // cfg.n_head,
                        cfg.attn_block, dtype, p.device)
 
