@@ -191,7 +191,7 @@ class TrainConfig:
 
 @dataclass
 class HeadFitConfig:
-    """Fitting the proposal heads of a frozen base to its own greedy decodes
+    """Fitting the proposal heads of a frozen base to its own sequential decodes
     (``bpd_sr.training.headfit``). Saved in the checkpoint it produces."""
 
     data: str = ""

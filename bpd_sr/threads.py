@@ -2,8 +2,8 @@
 
 Decoding runs many small matrix products one step after another; more threads than one only
 add synchronisation to each of them, and processes that together ask for more threads than
-there are cores slow down many times over (two processes of 2 threads on 2 cores ran 35x
-slower than one thread each). So bpd-sr uses **one thread** unless told otherwise:
+there are cores slow down many times over (README, Speed). So bpd-sr uses **one thread**
+unless told otherwise:
 
 - ``threads`` given (``--threads N`` on every command that decodes, ``load_pretrained(...,
   threads=N)``): N threads;

@@ -33,11 +33,11 @@ from bpd_sr.model.transformer import ImageTransformer
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """How ``upscale`` decodes: greedy (one token per step) or blockwise with k proposals
+    """How ``upscale`` decodes: sequential (one token per step) or blockwise with k proposals
     and an epsilon, each token by the decoding rule (``bpd_sr.decoding.rules``); with temperature >
     0, exact sampling instead (seeded per sample)."""
 
-    greedy: bool = False
+    sequential: bool = False
     k: int | str | None = DEFAULT_K  # None: every slot the model has; "auto": bpd_sr.decoding.autok
     epsilon: int = DEFAULT_EPSILON
     temperature: float = 0.0
@@ -47,7 +47,7 @@ class DecodeSettings:
     @property
     def method(self) -> str:
         """What decodes, in words: every output line names it."""
-        if self.greedy:
+        if self.sequential:
             way = "sequential"
         elif self.temperature > 0:
             way = f"blockwise k={self.k}"
@@ -64,12 +64,12 @@ def decode(model: ImageTransformer | DecodingSession, lr: torch.Tensor,
     seed of one of several samples (seed * 1000 + sample)."""
     if settings.temperature > 0:
         generator = torch.Generator().manual_seed(settings.seed * 1000 + sample)
-        if settings.greedy:
+        if settings.sequential:
             return sample_decode(model, lr, settings.temperature, generator)
         blockwise = auto_decode if settings.k == "auto" else partial(
             blockwise_parallel_decode, k=settings.k)
         return blockwise(model, lr, temperature=settings.temperature, generator=generator)
-    if settings.greedy:
+    if settings.sequential:
         return sequential_decode(model, lr, rule=settings.rule)
     blockwise = auto_decode if settings.k == "auto" else partial(
         blockwise_parallel_decode, k=settings.k)
@@ -137,7 +137,7 @@ def upscale_file(model: ImageTransformer | DecodingSession, path: Path, names: O
         done.written.append(_write(name, res.images[0].numpy()))
         if names.heatmaps:
             amap = viz.accepted_length_map(res.accepted[0], res.step_index[0])
-            figure = viz.heatmap_figure(res.images[0], amap, 1 if settings.greedy else k,
+            figure = viz.heatmap_figure(res.images[0], amap, 1 if settings.sequential else k,
                                         picture_size)
             done.written.append(_write(names.heatmaps[i], figure))
     if names.compare is not None:

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from bpd_sr.cli import main
-from bpd_sr.config import DEFAULT_EPSILON
+from bpd_sr.config import DEFAULT_EPSILON, DEFAULT_K
 from bpd_sr.io.pretrained import save_checkpoint
 from tests.conftest import tiny_model
 
@@ -322,12 +322,20 @@ def test_default_weights_upscale_the_example_face(tmp_path):
 
 
 def test_upscale_rule_reaches_the_decode(tmp_path, tiny_ckpt):
+    """Each --rule writes exactly the library's decode under that rule, at the defaults."""
+    from bpd_sr import blockwise_parallel_decode, load_pretrained
+
     src = face(tmp_path / "f.png")
+    lr = torch.as_tensor(np.array(Image.open(src)))[None]
+    model = load_pretrained(tiny_ckpt)
     outs = {}
     for rule in ("argmax", "mean"):
         res = run("upscale", src, "-o", tmp_path / rule, "--rule", rule, "--checkpoint", tiny_ckpt)
         assert res.exit_code == 0, res.output
         outs[rule] = np.asarray(Image.open(tmp_path / rule / "f_x4.png"))
+        expect = blockwise_parallel_decode(model, lr, k=min(DEFAULT_K, model.cfg.k),
+                                           epsilon=DEFAULT_EPSILON, rule=rule).images[0].numpy()
+        assert np.array_equal(outs[rule], expect), rule
     assert not np.array_equal(outs["argmax"], outs["mean"])
     res = run("upscale", src, "--rule", "mode", "--checkpoint", tiny_ckpt)
     assert res.exit_code == 2 and "mode" in res.output
@@ -436,17 +444,31 @@ def test_export_makes_a_small_loadable_copy(tmp_path, tiny_ckpt, dtype):
 
 
 def test_upscale_samples_at_a_temperature(tmp_path, tiny_ckpt):
+    """--samples N writes N exact samples, sample i seeded by (--seed, i): the library's
+    sampler with those generators, the same on every run, other with another seed."""
+    from bpd_sr import blockwise_parallel_decode, load_pretrained
+
     src = face(tmp_path / "a.png")
-    args = ("upscale", src, "-o", tmp_path / "o", "--checkpoint", tiny_ckpt, "--temperature", "0.9",
-            "--samples", "2", "--seed", "3", "--compare", "-q")
-    assert run(*args).exit_code == 0
-    s0 = np.asarray(Image.open(tmp_path / "o" / "a_x4_s0.png"))
-    s1 = np.asarray(Image.open(tmp_path / "o" / "a_x4_s1.png"))
+    lr = torch.as_tensor(np.array(Image.open(src)))[None]
+    model = load_pretrained(tiny_ckpt)
+    args = ("upscale", src, "--checkpoint", tiny_ckpt, "--temperature", "0.9", "--samples", "2",
+            "--compare", "-q")
+
+    def samples(seed: int, out: str) -> list[np.ndarray]:
+        assert run(*args, "--seed", seed, "-o", tmp_path / out).exit_code == 0
+        return [np.asarray(Image.open(tmp_path / out / f"a_x4_s{i}.png")) for i in range(2)]
+
+    s0, s1 = samples(3, "o")
+    for i, got in enumerate((s0, s1)):
+        generator = torch.Generator().manual_seed(3 * 1000 + i)
+        expect = blockwise_parallel_decode(model, lr, k=min(DEFAULT_K, model.cfg.k),
+                                           temperature=0.9, generator=generator)
+        assert np.array_equal(got, expect.images[0].numpy()), i
     assert not np.array_equal(s0, s1)  # two different samples
     strip = Image.open(tmp_path / "o" / "a_x4_compare.png")
     assert strip.size[0] > 3 * strip.size[1]  # input | bicubic | sample 0 | sample 1
-    assert run(*args).exit_code == 0  # the same seed gives the same samples
-    assert np.array_equal(s0, np.asarray(Image.open(tmp_path / "o" / "a_x4_s0.png")))
+    assert all(np.array_equal(a, b) for a, b in zip(samples(3, "again"), (s0, s1), strict=True))
+    assert not np.array_equal(samples(4, "other")[0], s0)
 
 
 def test_benchmark_speed_report(tmp_path, tiny_ckpt):
@@ -471,6 +493,34 @@ def test_benchmark_speed_report(tmp_path, tiny_ckpt):
     assert "weight-read floor" in (tmp_path / "s" / "speed.md").read_text().lower()
 
 
+class _Stop(Exception):
+    pass
+
+
+def _every_decoding_command_passes_threads_on(tmp_path, tiny_ckpt, monkeypatch):
+    """--threads N reaches the thread policy of each command (which then stops it)."""
+    import bpd_sr.threads
+
+    asked = []
+
+    def record(threads=None):
+        asked.append(threads)
+        raise _Stop
+
+    monkeypatch.setattr(bpd_sr.threads, "apply", record)
+    npz = tmp_path / "threads_faces.npz"
+    np.savez(npz, images=np.zeros((2, 32, 32, 3), dtype=np.uint8))
+    commands = {"upscale": [face(tmp_path / "t.png")], "evaluate": [npz],
+                "benchmark": ["--data", npz, "--out", tmp_path / "tb"],
+                "fit-heads": ["--data", npz, "--init", tiny_ckpt, "--out", tmp_path / "th"]}
+    for command, args in commands.items():
+        extra = [] if command == "fit-heads" else ["--checkpoint", tiny_ckpt]
+        res = run(command, *args, *extra, "--threads", "3", "-q" if command != "fit-heads" else "--quiet")
+        assert isinstance(res.exception, _Stop), (command, res.output)
+        assert asked[-1] == 3, command
+    monkeypatch.undo()
+
+
 def test_threads_policy_one_thread_unless_told(tmp_path, tiny_ckpt, monkeypatch):
     """Every decoding command takes --threads; without it, $BPD_SR_THREADS, else 1."""
     from bpd_sr import load_pretrained
@@ -486,10 +536,10 @@ def test_threads_policy_one_thread_unless_told(tmp_path, tiny_ckpt, monkeypatch)
         assert torch.get_num_threads() == 2
         load_pretrained(tiny_ckpt, threads=1)
         assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
         load_pretrained(tiny_ckpt, threads=0)  # 0: leave PyTorch's setting
-        assert torch.get_num_threads() == 1
-        for command in ("upscale", "evaluate", "benchmark", "fit-heads"):
-            assert "--threads" in run(command, "--help").output
+        assert torch.get_num_threads() == 2
+        _every_decoding_command_passes_threads_on(tmp_path, tiny_ckpt, monkeypatch)
         seen = []
 
         def fake_decode(model, lr, settings, sample=0):  # records the threads, decodes nothing

@@ -53,11 +53,19 @@ def test_a_new_gaussian_net_starts_at_the_input_pixel():
 
 
 def test_old_checkpoints_keep_their_conditioning_net(tmp_path):
-    cfg = ModelConfig.preset("tiny").to_dict()
-    for key in ("cond_blocks", "cond_head"):  # fields a checkpoint from before them lacks
-        cfg.pop(key)
-    assert ModelConfig.from_dict(cfg).cond_blocks == 2
-    assert ModelConfig.from_dict(cfg).cond_head == "logits"
+    """A checkpoint written before cond_blocks / cond_up_channels / cond_head existed loads
+    as the net it was (2 blocks, full-width upsampling, 256 logits), weights and all."""
+    torch.manual_seed(0)
+    model = ImageTransformer(ModelConfig.preset("tiny", cond_blocks=2, cond_head="logits")).eval()
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "new.pt", model))
+    for key in ("cond_blocks", "cond_up_channels", "cond_head"):
+        ckpt["model_config"].pop(key)
+    torch.save(ckpt, tmp_path / "old.pt")
+    old = load_pretrained(tmp_path / "old.pt")
+    assert (old.cfg.cond_blocks, old.cfg.cond_up_channels, old.cfg.cond_head) == (2, 0, "logits")
+    lr = torch.randint(0, 256, (1, 8, 8, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(old.conditioning_logits(lr), model.conditioning_logits(lr))
 
 
 def test_fit_cond_changes_only_the_conditioning_net_and_resumes(tmp_path):
@@ -90,11 +98,22 @@ def test_fit_cond_changes_only_the_conditioning_net_and_resumes(tmp_path):
     assert 0 < log[0]["val_psnr"] < 100
 
 
-def test_fit_cond_bad_settings_are_one_line(tmp_path):
+@pytest.mark.parametrize("args, message", [
+    (["--resume"], "nothing to resume"),
+    (["--steps", "0"], "--steps"),
+    (["--width", "0"], "--width"),
+])
+def test_fit_cond_bad_settings_are_one_line_and_no_work(tmp_path, args, message):
+    faces = tmp_path / "faces.npz"
+    np.savez(faces, images=np.zeros((8, 32, 32, 3), dtype=np.uint8))
     init = save_checkpoint(tmp_path / "init.pt", ImageTransformer(ModelConfig.preset("tiny")))
-    res = CliRunner().invoke(main, ["fit-cond", "--data", "x.npz", "--init", str(init),
-                                    "--out", str(tmp_path / "r"), "--resume"])
-    assert res.exit_code != 0 and "nothing to resume" in res.output
+    out = tmp_path / "r"
+    res = CliRunner().invoke(main, ["fit-cond", "--data", str(faces), "--init", str(init),
+                                    "--out", str(out), "--quiet", *args])
+    assert res.exit_code != 0 and message in res.output, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error")]
+    assert "Traceback" not in res.output and len(errors) == 1
+    assert not out.exists()  # refused before any work: no run folder
 
 
 @pytest.mark.parametrize("head", ["logits", "gaussian"])

@@ -133,24 +133,52 @@ def _definitions(path: Path):
             yield node.target.id, node
 
 
-def test_every_definition_is_used():
-    """No dead code: every top-level definition of the library is read by the library
-    itself, the notebook or the README (tests alone do not count: they would keep dead code
-    alive). Click commands count as used: their decorator registers them."""
-    refs, text = _referenced_names()
+def _exported(path: Path) -> set[str]:
+    """The names a module lists in ``__all__`` (its public API)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in node.targets):
+            return {e.value for e in node.value.elts if isinstance(e, ast.Constant)}
+    return set()
+
+
+def _unused(paths: list[Path], refs: dict[Path, set[str]], text: str) -> list[str]:
+    """Top-level definitions of ``paths`` that nothing reads: not their own module outside
+    the definition itself, not another module, and (for names in an ``__all__``) not the
+    user-facing text."""
+    public = set().union(*(_exported(p) for p in paths))
     unused = []
-    for path in LIBRARY:
+    for path in paths:
+        tree = ast.parse(path.read_text())
         for name, node in _definitions(path):
             if name.startswith("__") or any(
                     "command" in ast.unparse(d) for d in getattr(node, "decorator_list", [])):
                 continue
-            # its own module: any reference beyond the definition itself
-            own = sum(1 for n in ast.walk(ast.parse(path.read_text()))
-                      if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load))
+            own = any(isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load)
+                      and not node.lineno <= n.lineno <= node.end_lineno for n in ast.walk(tree))
             others = any(name in names for p, names in refs.items() if p != path)
-            if not (own or others or re.search(rf"\b{re.escape(name)}\b", text)):
+            documented = name in public and re.search(rf"\b{re.escape(name)}\b", text)
+            if not (own or others or documented):
                 unused.append(f"{path.name}:{name}")
+    return unused
+
+
+def test_every_definition_is_used():
+    """No dead code: every top-level definition of the library is read by the library
+    itself, or is public API the notebook or the README uses (tests alone do not count:
+    they would keep dead code alive). Click commands count as used: their decorator
+    registers them."""
+    refs, text = _referenced_names()
+    unused = _unused(LIBRARY, refs, text)
     assert not unused, f"defined but never used: {unused}"
+
+
+def test_the_dead_code_check_finds_dead_code(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("__all__ = ['shown']\n\ndef used():\n    return 1\n\n"
+                      "def dead(n):\n    return dead(n - 1) if n else used()\n\n"
+                      "def shown():\n    pass\n\ndef hidden():\n    pass\n\nX = used()\n")
+    text = "shown() and hidden() in the README"
+    assert _unused([module], {module: set()}, text) == ["m.py:dead", "m.py:hidden", "m.py:X"]
 
 
 def test_one_atomic_writer():

@@ -91,6 +91,26 @@ def test_blockwise_samples_follow_the_base_distribution(small_vocab_model, k):
     assert stat < chi2.ppf(1 - SIGNIFICANCE, df), (stat, df)
 
 
+def test_a_batch_of_different_faces_finishing_at_different_steps(small_vocab_model):
+    """Two inputs interleaved in one batch: rows accept different lengths and finish at
+    different steps, and each input's samples still follow its own base distribution."""
+    lrs = torch.cat([random_lr(1, seed=2), random_lr(1, seed=9)])
+    g = torch.Generator().manual_seed(3)
+    samples, steps = [], []
+    for _ in range(6):
+        res = blockwise_parallel_decode(small_vocab_model, lrs.repeat(200, 1, 1, 1), k=4,
+                                        temperature=T, generator=g, n_tokens=M)
+        samples.append(image_to_tokens(res.images)[:, :M])
+        steps += [len(a) for a in res.accepted]
+        assert all(int(a.sum()) == M for a in res.accepted)
+    assert len(set(steps)) > 1  # a ragged batch: some rows finished while others went on
+    samples = torch.cat(samples).numpy()
+    for row in range(2):
+        probs = exact_distribution(small_vocab_model, lrs[row : row + 1])
+        stat, df = chi_square(samples[row::2], probs)
+        assert stat < chi2.ppf(1 - SIGNIFICANCE, df), (row, stat, df)
+
+
 def test_always_accepting_fails_the_same_test(small_vocab_model, monkeypatch):
     """The test has teeth: accepting every proposal samples from the heads, not the base."""
     lr = random_lr(1, seed=2)

@@ -93,14 +93,38 @@ def test_each_option_changes_what_is_learnt(regimes, a, b):
     assert not _same(regimes[a][0], regimes[b][0], "heads.")
 
 
-def test_distill_learns_from_the_base_models_own_decodes(regimes, faces):
+def test_distill_learns_from_the_base_models_own_decodes(regimes, base_ckpt, faces):
+    """The distillation targets are the base model's sequential decodes (the default rule) of
+    exactly the training split's inputs, in its order."""
+    from bpd_sr.decoding.loop import sequential_decode
+    from bpd_sr.model.tokens import downsample
+    from bpd_sr.training.train import split_faces
+
     _, out = regimes["distill"]
     decodes = np.load(out / "distill.npz")["images"]
-    data = np.load(faces)["images"]
-    n_val = int(len(data) * 0.2)
-    assert decodes.shape == (len(data) - n_val, 32, 32, 3)
-    # greedy decodes of the training inputs, not the training images themselves
-    assert not any(np.array_equal(d, x) for d in decodes for x in data)
+    train_faces, _ = split_faces(cfg(faces, out), progress=False)
+    assert decodes.shape == tuple(train_faces.shape)
+    expect = sequential_decode(load_pretrained(base_ckpt), downsample(train_faces[:2])).images
+    assert np.array_equal(decodes[:2], expect.numpy())
+    # decodes, not the training images themselves
+    assert not np.array_equal(decodes[:2], train_faces[:2].numpy())
+
+
+def test_the_cpu_bf16_training_path(faces, tmp_path):
+    """amp=bf16 trains under CPU autocast: the same run as fp32 to bf16 rounding (close,
+    not equal), with float32 master weights in the checkpoint."""
+    import json
+
+    runs = {}
+    for amp in ("fp32", "bf16"):
+        path = train(cfg(faces, tmp_path / amp, amp=amp, max_steps=2, eval_every=1), progress=False)
+        log = [json.loads(x) for x in (tmp_path / amp / "log.jsonl").read_text().splitlines()]
+        runs[amp] = (load_checkpoint(path), log[0]["bpd"])
+    (ck32, loss32), (ck16, loss16) = runs["fp32"], runs["bf16"]
+    assert all(v.dtype == torch.float32 for v in ck16["model"].values() if v.is_floating_point())
+    assert loss16 != loss32 and abs(loss16 - loss32) < 0.02 * loss32
+    w32, w16 = ck32["model"]["dec_layers.0.mlp.fc.weight"], ck16["model"]["dec_layers.0.mlp.fc.weight"]
+    assert not torch.equal(w32, w16) and torch.allclose(w32, w16, atol=1e-2)
 
 
 def test_regime_errors(faces, tmp_path):

@@ -15,12 +15,12 @@ from bpd_sr.decoding.rules import RULES
 @click.option("--regime", type=click.Choice(["base", "regular", "finetune", "distill"]),
               default="base", show_default=True,
               help="base: plain model (k=1). regular: frozen base, train heads. finetune: base "
-                   "and heads jointly. distill: like finetune on the base's own greedy decodes.")
+                   "and heads jointly. distill: like finetune on the base's own sequential decodes.")
 @click.option("--preset", type=click.Choice(sorted(MODEL_PRESETS)), default="small", show_default=True)
 @click.option("--k", type=int, default=1, show_default=True, help="Proposal slots (regimes other than base).")
 @click.option("--init", default="", help="Base checkpoint to warm-start from (regular/finetune/distill).")
 @click.option("--out", default="runs/default", show_default=True, help="Run folder (checkpoints, log).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Per process.")
+@click.option("--batch-size", type=click.IntRange(1, None), default=32, show_default=True, help="Per process.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--warmup-steps", type=int, default=200, show_default=True)
 @click.option("--max-steps", type=int, default=2000, show_default=True)
@@ -32,7 +32,7 @@ from bpd_sr.decoding.rules import RULES
               help="What the proposal heads learn: the ground truth, or the base model's own "
                    "argmax given the true prefix (teacher-forced distillation).")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Random horizontal flips.")
-@click.option("--eval-every", type=int, default=500, show_default=True)
+@click.option("--eval-every", type=click.IntRange(1, None), default=500, show_default=True)
 @click.option("--ckpt-minutes", type=float, default=5.0, show_default=True)
 @click.option("--amp", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="auto: bf16 autocast where the hardware has bf16 (a GPU; a CPU with "
@@ -106,18 +106,18 @@ main.add_command(train_command)
               help="Run folder: decodes.npz (resumable), log.jsonl, heads.pt.")
 @click.option("--k", type=int, default=0, show_default=True,
               help="Proposal slots (0: as many as --init has; other values start new heads).")
-@click.option("--n-faces", type=int, default=2048, show_default=True,
-              help="Training faces to decode greedily (the slow part on a CPU: ~0.7 faces/s).")
-@click.option("--n-val", type=int, default=64, show_default=True,
-              help="Of those, held out to measure the heads' agreement with greedy decoding.")
-@click.option("--decode-batch", type=int, default=128, show_default=True)
-@click.option("--steps", type=int, default=2000, show_default=True)
-@click.option("--batch-images", type=int, default=16, show_default=True)
-@click.option("--positions", type=int, default=1024, show_default=True,
+@click.option("--n-faces", type=click.IntRange(1, None), default=2048, show_default=True,
+              help="Training faces to decode sequentially (the slow part on a CPU).")
+@click.option("--n-val", type=click.IntRange(0, None), default=64, show_default=True,
+              help="Of those, held out to measure the heads' agreement with sequential decoding.")
+@click.option("--decode-batch", type=click.IntRange(1, None), default=128, show_default=True)
+@click.option("--steps", type=click.IntRange(1, None), default=2000, show_default=True)
+@click.option("--batch-images", type=click.IntRange(1, None), default=16, show_default=True)
+@click.option("--positions", type=click.IntRange(1, None), default=1024, show_default=True,
               help="Random positions per image per step.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--warmup-steps", type=int, default=50, show_default=True)
-@click.option("--eval-every", type=int, default=250, show_default=True)
+@click.option("--eval-every", type=click.IntRange(1, None), default=250, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--rule", type=click.Choice(RULES), default=DEFAULT_RULE, show_default=True,
               help="Decoding rule of the decodes the heads learn (use the rule you decode with).")
@@ -148,9 +148,9 @@ def fit_heads_command(quiet: bool, threads: int | None, **kwargs) -> None:
 @click.option("--init", required=True, help="Checkpoint whose conditioning net is replaced.")
 @click.option("--out", default="runs/cond", show_default=True,
               help="Run folder: last.pt (resumable), log.jsonl, cond.pt.")
-@click.option("--width", type=int, default=96, show_default=True, help="Channels of the net.")
-@click.option("--blocks", type=int, default=6, show_default=True, help="Residual blocks at 8x8.")
-@click.option("--up-width", type=int, default=0, show_default=True,
+@click.option("--width", type=click.IntRange(1, None), default=96, show_default=True, help="Channels of the net.")
+@click.option("--blocks", type=click.IntRange(0, None), default=6, show_default=True, help="Residual blocks at 8x8.")
+@click.option("--up-width", type=click.IntRange(0, None), default=0, show_default=True,
               help="Channels of the upsampling path at 16x16 and 32x32 (0: --width); most of "
                    "the net's arithmetic at full width.")
 @click.option("--objective", type=click.Choice(["ce", "regression"]), default="ce",
@@ -161,8 +161,8 @@ def fit_heads_command(quiet: bool, threads: int | None, **kwargs) -> None:
 @click.option("--head", type=click.Choice(["gaussian", "logits"]), default="gaussian",
               show_default=True, help="gaussian: a mean and a scale per colour (smooth, cheap); "
                                       "logits: 256 free logits per colour.")
-@click.option("--steps", type=int, default=4000, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--steps", type=click.IntRange(1, None), default=4000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, None), default=32, show_default=True)
 @click.option("--lr", type=float, default=2e-3, show_default=True)
 @click.option("--value-loss-weight", type=float, default=0.05, show_default=True,
               help="Weight of a Huber loss on the expected intensity beside the cross-entropy.")
@@ -177,10 +177,10 @@ def fit_heads_command(quiet: bool, threads: int | None, **kwargs) -> None:
 @click.option("--keep-net", is_flag=True,
               help="Fine-tune --init's own conditioning net (its shape) instead of a new one.")
 @click.option("--warmup-steps", type=click.IntRange(0, None), default=100, show_default=True)
-@click.option("--n-val", type=int, default=256, show_default=True,
+@click.option("--n-val", type=click.IntRange(0, None), default=256, show_default=True,
               help="Training faces held out to report PSNR of the net alone; the net that did "
                    "best on them is the one written.")
-@click.option("--eval-every", type=int, default=500, show_default=True)
+@click.option("--eval-every", type=click.IntRange(1, None), default=500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -102,7 +102,7 @@ def _first_input(plans, crop: str):
                    "Results). 0 = exact: the algorithm reproduces sequential decoding with the "
                    "same --rule; in float32 a near-tie can still round the other way (measured: "
                    "README, Exactness).")
-@click.option("--sequential", "--greedy", "greedy", is_flag=True,
+@click.option("--sequential", "--greedy", "sequential", is_flag=True,
               help="Plain sequential decoding, one token per step (slow); --greedy is its old "
                    "name.")
 @click.option("--rule", type=click.Choice(RULES), default=DEFAULT_RULE, show_default=True,
@@ -130,7 +130,7 @@ def _first_input(plans, crop: str):
 @threads_option
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @one_line_errors
-def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, epsilon, greedy,
+def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, epsilon, sequential,
                     rule, checkpoint, device, compare, heatmap, preview_scale, temperature,
                     samples, seed, threads, quiet) -> None:
     """Upscale face images to 32x32 (4x from 8x8).
@@ -150,7 +150,7 @@ def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, ep
         raise click.UsageError("--samples needs --temperature: sequential and blockwise decoding "
                                "give one result per input")
     given = click.get_current_context().get_parameter_source
-    if greedy and (k is not None or given("epsilon") != click.core.ParameterSource.DEFAULT):
+    if sequential and (k is not None or given("epsilon") != click.core.ParameterSource.DEFAULT):
         raise click.UsageError("--sequential decodes one token per step: --k and --epsilon do "
                                "not apply")
     # 1. inputs, and the names of every output, before any decoding
@@ -158,11 +158,11 @@ def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, ep
     # 2. the model, and the k that decodes every input (auto: chosen once, from the first)
     session = DecodingSession(_upscale_model(checkpoint, device, threads, k))  # shared by all
     k = min(DEFAULT_K, session.model.cfg.k) if k is None else k
-    if k == "auto" and not greedy:
+    if k == "auto" and not sequential:
         k = _choose_k(session, _first_input(plans, crop), epsilon, rule, temperature, quiet)
-    settings = DecodeSettings(greedy, k, epsilon, temperature, seed, rule)
+    settings = DecodeSettings(sequential, k, epsilon, temperature, seed, rule)
     if compile_step:
-        _compile(session, 1 if greedy else k, quiet)
+        _compile(session, 1 if sequential else k, quiet)
     # 3. each input: read, decode, write
     if not quiet:
         click.echo(LEGEND)

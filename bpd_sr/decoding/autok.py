@@ -17,7 +17,7 @@ with k = 1 meaning plain sequential decoding (one token per step, no proposal he
   acceptance rule): a step at a smaller k accepts min(L, k), so
   E[tokens per step at k] = sum over j = 1..k of P(L >= j).
 
-Both are measured once per (model, rule, batch size, threads) and kept in memory and in a
+Both are measured once per (model, decode options, batch size, threads) and kept in memory and in a
 small JSON file in the user's cache folder (``$XDG_CACHE_HOME/bpd-sr``, else
 ``~/.cache/bpd-sr``; ``BPD_SR_CACHE=off`` turns the file off), so repeated runs pay nothing.
 """
@@ -74,30 +74,30 @@ def pick(seconds_per_step: dict[int, float], tokens_per_step: dict[int, float],
     return best if 1 not in rate or rate[best] > margin * rate[1] else 1
 
 
-def _decode(model, lr, k: int, n_tokens: int, rule: dict):
+def _decode(model, lr, k: int, n_tokens: int, options: dict):
     if k == 1:
-        return sample_decode(model, lr, rule.get("temperature", 0.0), _generator(rule),
-                             n_tokens=n_tokens, **_sequential_rule(rule))
-    return blockwise_parallel_decode(model, lr, k=k, n_tokens=n_tokens, **_blockwise_rule(rule))
+        return sample_decode(model, lr, options.get("temperature", 0.0), _generator(options),
+                             n_tokens=n_tokens, **_sequential_options(options))
+    return blockwise_parallel_decode(model, lr, k=k, n_tokens=n_tokens, **_blockwise_options(options))
 
 
-def _generator(rule: dict):
-    return torch.Generator().manual_seed(0) if rule.get("temperature", 0.0) > 0 else None
+def _generator(options: dict):
+    return torch.Generator().manual_seed(0) if options.get("temperature", 0.0) > 0 else None
 
 
-def _sequential_rule(rule: dict) -> dict:
-    """What sequential decoding takes of the rule: the decoding rule, when there is one."""
-    return {k: v for k, v in rule.items() if k == "rule"}
+def _sequential_options(options: dict) -> dict:
+    """What sequential decoding takes of the decode options: the decoding rule, when given."""
+    return {k: v for k, v in options.items() if k == "rule"}
 
 
-def _blockwise_rule(rule: dict) -> dict:
-    out = dict(rule)
+def _blockwise_options(options: dict) -> dict:
+    out = dict(options)
     if out.get("temperature", 0.0) > 0:
-        out["generator"] = _generator(rule)
+        out["generator"] = _generator(options)
     return out
 
 
-def _seconds_per_step(session: DecodingSession, lr: torch.Tensor, k: int, rule: dict) -> float:
+def _seconds_per_step(session: DecodingSession, lr: torch.Tensor, k: int) -> float:
     """Seconds of one decoding step over k tokens for the batch lr
     (``bpd_sr.decoding.steptime``), the rows at different positions as in a blockwise
     decode of a batch. The loop's own bookkeeping is left out (the margin covers it)."""
@@ -107,20 +107,20 @@ def _seconds_per_step(session: DecodingSession, lr: torch.Tensor, k: int, rule: 
     return median_seconds(step, TIMING_STEPS)
 
 
-def _timed(session: DecodingSession, lr: torch.Tensor, ks, rule: dict) -> dict[int, float]:
+def _timed(session: DecodingSession, lr: torch.Tensor, ks) -> dict[int, float]:
     """Seconds per step of every candidate: ROUNDS interleaved rounds (every k once per round,
     so that other load on the machine hits all of them alike), the median of each."""
     samples: dict[int, list[float]] = {k: [] for k in ks}
     for _ in range(ROUNDS):
         for k in ks:
-            samples[k].append(_seconds_per_step(session, lr, k, rule))
+            samples[k].append(_seconds_per_step(session, lr, k))
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def _fingerprint(model, batch: int, rule: dict, candidates) -> str:
+def _fingerprint(model, batch: int, options: dict, candidates) -> str:
     p = model.out_proj.weight
     h = hashlib.sha256()
-    h.update(json.dumps([model.cfg.to_dict(), rule, batch, list(candidates), str(p.device),
+    h.update(json.dumps([model.cfg.to_dict(), options, batch, list(candidates), str(p.device),
                          str(p.dtype), torch.get_num_threads(), torch.__version__],
                         sort_keys=True, default=str).encode())
     for t in (model.out_proj.weight, model.heads.state_dict().get("proj.weight", p)):
@@ -186,16 +186,17 @@ def _save(key: str, choice: AutoK) -> None:
 
 
 @torch.inference_mode()
-def choose_k(model, lr: torch.Tensor, candidates=CANDIDATES, **rule) -> AutoK:
+def choose_k(model, lr: torch.Tensor, candidates=CANDIDATES, **options) -> AutoK:
     """The fastest k (1 = sequential) for decoding ``lr`` (uint8 (B, 8, 8, 3)) with the
-    acceptance rule ``rule`` (blockwise_parallel_decode's epsilon, top_t, min_block, rule,
-    temperature ...), measured as the module docstring says. model: the model or a
-    ``DecodingSession`` of it; a session remembers its choices (``memo``)."""
+    decode options ``options`` (blockwise_parallel_decode's keywords: epsilon, top_t,
+    min_block, refine, rule, temperature), measured as the module docstring says.
+    model: the model or a ``DecodingSession`` of it; a session remembers its choices
+    (``memo``)."""
     session = DecodingSession.of(model)
     model = session.model
     batch = lr.shape[0]
     ks = sorted({1, *[k for k in candidates if 1 <= k <= model.cfg.k]})
-    key = _fingerprint(model, batch, rule, ks)
+    key = _fingerprint(model, batch, options, ks)
     memo = session.memo.setdefault("autok", {})
     if key in memo:
         return memo[key]
@@ -205,9 +206,9 @@ def choose_k(model, lr: torch.Tensor, candidates=CANDIDATES, **rule) -> AutoK:
         if len(ks) == 1:
             accepted = torch.ones(1, dtype=torch.long)
         else:
-            calib = _decode(session, lr[:2], ks[-1], CALIBRATION_TOKENS, rule)
+            calib = _decode(session, lr[:2], ks[-1], CALIBRATION_TOKENS, options)
             accepted = torch.cat(calib.accepted)
-        secs = _timed(session, lr, ks, rule)
+        secs = _timed(session, lr, ks)
         toks = {k: expected_tokens(accepted, k) if k > 1 else 1.0 for k in ks}
         choice = AutoK(
             k=pick(secs, toks), batch=batch,
@@ -221,19 +222,19 @@ def choose_k(model, lr: torch.Tensor, candidates=CANDIDATES, **rule) -> AutoK:
 
 
 def auto_decode(model, lr: torch.Tensor, generator: torch.Generator | None = None,
-                n_tokens: int = N_HR_TOKENS, **rule) -> DecodeResult:
+                n_tokens: int = N_HR_TOKENS, **options) -> DecodeResult:
     """Decode ``lr`` (uint8 (B, 8, 8, 3)) with the k that ``choose_k`` measures for this batch
-    size and acceptance rule (``blockwise_parallel_decode``'s keywords): blockwise with that
+    size and decode options (``blockwise_parallel_decode``'s keywords): blockwise with that
     k, or sequential decoding when no k pays. model: the model or a ``DecodingSession``;
     the choice is remembered by the session, and the decode runs on it."""
     session = DecodingSession.of(model)
-    k = choose_k(session, lr, **rule).k
+    k = choose_k(session, lr, **options).k
     if k == 1:
-        return sample_decode(session, lr, rule.get("temperature", 0.0), generator, n_tokens,
-                             rule=rule.get("rule", DEFAULT_RULE))
-    rule["min_block"] = min(rule.get("min_block", 1), k)
+        return sample_decode(session, lr, options.get("temperature", 0.0), generator, n_tokens,
+                             rule=options.get("rule", DEFAULT_RULE))
+    options["min_block"] = min(options.get("min_block", 1), k)
     return blockwise_parallel_decode(session, lr, k=k, generator=generator, n_tokens=n_tokens,
-                                     **rule)
+                                     **options)
 
 
 __all__ = ["AutoK", "CANDIDATES", "auto_decode", "choose_k", "expected_tokens", "pick"]

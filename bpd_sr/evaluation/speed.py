@@ -123,9 +123,9 @@ def seconds_per_image(model, hr: torch.Tensor, batch_sizes=(1, 8, 32, 64), k_fix
             progress(f"batch {bs}: choosing k")
         # the decode below passes the same acceptance settings, so it reuses this very
         # choice (kept in memory) and its time has no calibration in it
-        rule = {"epsilon": epsilon, "top_t": None, "min_block": 1, "rule": DEFAULT_RULE,
+        options = {"epsilon": epsilon, "top_t": None, "min_block": 1, "rule": DEFAULT_RULE,
                 "refine": 255, "temperature": 0.0}
-        choice = choose_k(model, batch, **rule)
+        choice = choose_k(model, batch, **options)
         row = {"batch_size": bs, "n_tokens": n_tokens, "auto_k": choice.k,
                "auto_calibration_seconds": choice.calibration_seconds,
                "auto_measured_seconds_per_step": choice.seconds_per_step,
@@ -136,7 +136,7 @@ def seconds_per_image(model, hr: torch.Tensor, batch_sizes=(1, 8, 32, 64), k_fix
             if kw is None:
                 res = sequential_decode(model, batch, n_tokens=n_tokens)
             elif kw == "auto":
-                res = auto_decode(model, batch, n_tokens=n_tokens, **rule)
+                res = auto_decode(model, batch, n_tokens=n_tokens, **options)
             else:
                 res = blockwise_parallel_decode(model, batch, k=kw, epsilon=epsilon, n_tokens=n_tokens)
             row[name] = {"seconds_per_image": res.seconds / bs, "mean_accepted": res.mean_accepted}

@@ -1,13 +1,13 @@
 """Benchmarks. Functions here return data (dicts and lists); the CLI prints and saves them.
 
 - ``step_costs``: the cost of one cached decoder step over k new tokens (plus the proposal
-  heads at one position) relative to a greedy step over 1 token: the quantity that local
+  heads at one position) relative to a sequential step over 1 token: the quantity that local
   attention and the cache keep small, and that bounds the wall-clock gain of Stern et al.'s
   method (their section 7 measures it as "wall-clock speedup" against mean block size).
 - ``table``: the paper's Table 2 on a set of faces: mean accepted block size, model calls,
-  seconds per image at batch 1, speed-up over greedy timed in the same run, PSNR and SSIM,
+  seconds per image at batch 1, speed-up over sequential decoding timed in the same run, PSNR and SSIM,
   for every (k, epsilon). Greedy is run first and is the baseline of every speed-up.
-- ``throughput``: images per second at larger batch sizes, greedy against blockwise.
+- ``throughput``: images per second at larger batch sizes, sequential against blockwise.
 """
 
 from __future__ import annotations
@@ -104,18 +104,18 @@ def _rows(decoded: dict, ref: np.ndarray) -> list[dict]:
     faces ref uint8 (N, 32, 32, 3)."""
     n = len(ref)
     rows = []
-    greedy_images = torch.cat(decoded[(1, 0)]["images"])
-    greedy_sec = statistics.median(decoded[(1, 0)]["secs"])
+    sequential_images = torch.cat(decoded[(1, 0)]["images"])
+    sequential_sec = statistics.median(decoded[(1, 0)]["secs"])
     for (k, eps), d in decoded.items():
         images = torch.cat(d["images"])
         q = quality(images.numpy(), ref)
         sec = statistics.median(d["secs"])
-        same = (images == greedy_images).flatten(1).all(1).float().mean().item()
+        same = (images == sequential_images).flatten(1).all(1).float().mean().item()
         rows.append({
             "k": k, "epsilon": eps, "regime": "sequential" if k == 1 else f"eps{eps}",
             "mean_accepted": tokens_per_step(d["accepted"]), "model_calls_per_image": d["calls"] / n,
             "seconds_per_image": sec, "seconds_per_image_mean": statistics.fmean(d["secs"]),
-            "speedup": greedy_sec / sec, "psnr": q["psnr"], "ssim": q["ssim"],
+            "speedup": sequential_sec / sec, "psnr": q["psnr"], "ssim": q["ssim"],
             "psnr_per_image": [float(x) for x in q["psnr_per_image"]],
             "identical_to_sequential": same,
         })
@@ -163,7 +163,7 @@ def throughput(
     configs: Iterable[tuple[int, int]] = ((1, 0), (4, 2), (8, 2), (10, 2)),
     rule: str = DEFAULT_RULE,
 ) -> list[dict]:
-    """Images per second of one batch decode at each batch size, for greedy (k = 1) and
+    """Images per second of one batch decode at each batch size, for sequential decoding (k = 1) and
     blockwise (k, epsilon) configurations. hr: uint8 (N, 32, 32, 3), N >= max batch size."""
     lr = downsample(hr)
     out = []

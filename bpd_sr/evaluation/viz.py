@@ -194,3 +194,7 @@ def heatmap_figure(result: ArrayLike, values: ArrayLike, k: int, size: int = 128
     row[y : y + bar.shape[0], panels.shape[1] : panels.shape[1] + bar.shape[1]] = bar
     return with_caption(row, f"colour: tokens accepted by the decoding step that made each "
                              f"pixel (1 to k = {k}; higher is faster)", size)
+
+
+__all__ = ["accepted_length_map", "colormap", "colour_bar", "heatmap_figure", "labelled_panels",
+           "step_map", "with_caption"]

@@ -23,9 +23,8 @@ def distill_targets(
     """The base model's sequential decodes (under ``rule``) of every training input, uint8
     (N, 32, 32, 3), made once and cached (atomically) at cache_path.
 
-    Decoding is slow on a CPU (about 0.7 images/s for the small preset), so the decodes made
-    so far are saved after every batch (``<cache>.partial.npz``, atomically) and a killed run
-    continues where it stopped.
+    Decoding is slow on a CPU, so the decodes made so far are saved after every batch
+    (``<cache>.partial.npz``, atomically) and a killed run continues where it stopped.
     """
     from bpd_sr.decoding.loop import sequential_decode
 

@@ -1,11 +1,11 @@
-"""Fit the proposal heads of a frozen base model to its own greedy decodes, on cached states.
+"""Fit the proposal heads of a frozen base model to its own sequential decodes, on cached states.
 
 Stern et al. 2018 (section 6) train the heads with the base frozen ("regular") or jointly
 ("fine-tuning"), and use sequence-level distillation (Kim and Rush 2016): the targets are the
-base model's own greedy outputs. Verification only ever asks "is proposal i the token greedy
+base model's own decodes. Verification only ever asks "is proposal i the token sequential
 decoding would put at p + i?", so those are the targets the heads should learn.
 
-With the base frozen, the decoder output h_p at every position of a greedy decode does not
+With the base frozen, the decoder output h_p at every position of a sequential decode does not
 depend on the heads. It is computed once per image (one teacher-forced pass over the decode,
 equal to the decode-time states by the cached == uncached parity of the model), and the
 heads are then trained for many epochs on the cached states: a step costs the heads and the
@@ -17,7 +17,7 @@ expected intensity, unless told otherwise) and the heads learn that rule's token
 Measures (``head_agreement``): per slot, how often its rule value equals the decoded token
 at p + i (and is within epsilon of it), and the mean accepted block size that blockwise decoding
 with exact acceptance would reach on those decodes. For exact acceptance that walk is not an
-estimate: the base prediction after an accepted prefix of greedy tokens is the greedy token.
+estimate: the base prediction after an accepted prefix of decoded tokens is the decoded token.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from bpd_sr.training.train import TrainError
 class DecodeStates:
     """Greedy decodes and what the frozen base computed along them.
 
-    lr: uint8 (N, 8, 8, 3) the inputs; tokens: long (N, 3072) their greedy decodes;
+    lr: uint8 (N, 8, 8, 3) the inputs; tokens: long (N, 3072) their sequential decodes;
     states: (N, 3072, d) the decoder output at each position (slot 0 predicts the token
     there). The conditioning logits are recomputed from lr when needed (a cheap conv net)
     rather than stored (1.5 MB per image).
@@ -67,9 +67,9 @@ def decode_states(
     model: ImageTransformer, lr: torch.Tensor, decodes: torch.Tensor, batch_size: int = 16,
     dtype: torch.dtype | None = None, progress: bool = True,
 ) -> DecodeStates:
-    """Teacher-forced states of the base along its greedy decodes.
+    """Teacher-forced states of the base along its sequential decodes.
 
-    lr: uint8 (N, 8, 8, 3); decodes: uint8 (N, 32, 32, 3), greedy decodes of lr.
+    lr: uint8 (N, 8, 8, 3); decodes: uint8 (N, 32, 32, 3), sequential decodes of lr.
     Computed in the model's precision (the states seen at decode time) and stored in
     ``dtype`` (default: the model's): bfloat16 halves the memory and is enough to train on.
     """
