@@ -7,7 +7,9 @@ shapes) out of the way, so a failure means a bug, not rounding.
 
 from __future__ import annotations
 
+import builtins
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,3 +53,54 @@ def _private_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def model4() -> ImageTransformer:
     return tiny_model(k=4)
+
+
+class WriteWatcher:
+    """Watches the file system during a test: which visible paths were opened for writing
+    directly, and which arrived by ``os.replace`` (PIL, torch.save, numpy, matplotlib and
+    json all write through builtins.open or os.open). ``check(folder)``: every file under
+    folder arrived by os.replace of a hidden temporary file, and none was written in place."""
+
+    def __init__(self, monkeypatch):
+        self.direct: list[str] = []
+        self.replaced: set[str] = set()
+        real_open, real_os_open, real_replace = builtins.open, os.open, os.replace
+
+        def watch(path):  # a visible file (a folder is opened only to probe that it is writable)
+            if isinstance(path, (str, os.PathLike)) and not (
+                    os.path.basename(path).startswith(".") or os.path.isdir(path)):
+                self.direct.append(os.path.abspath(path))
+
+        def open_(file, mode="r", *args, **kwargs):
+            if any(c in mode for c in "wax+"):
+                watch(file)
+            return real_open(file, mode, *args, **kwargs)
+
+        def os_open(path, flags, *args, **kwargs):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                watch(path)
+            return real_os_open(path, flags, *args, **kwargs)
+
+        def replace(src, dst, *args, **kwargs):
+            self.replaced.add(os.path.abspath(dst))
+            return real_replace(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", open_)
+        monkeypatch.setattr(os, "open", os_open)
+        monkeypatch.setattr(os, "replace", replace)
+
+    def check(self, *paths: Path) -> None:
+        """Each path: a file, or a folder standing for every file under it."""
+        files = set()
+        for p in map(Path, paths):
+            files |= {str(f.absolute()) for f in p.rglob("*") if f.is_file()} if p.is_dir() \
+                else {str(p.absolute())}
+        assert files and all(os.path.isfile(f) for f in files), files
+        direct = [p for p in self.direct if p in files]
+        assert not direct, f"opened for writing in place: {direct}"
+        assert files <= self.replaced, f"not written by os.replace: {files - self.replaced}"
+
+
+@pytest.fixture
+def write_watcher(monkeypatch) -> WriteWatcher:
+    return WriteWatcher(monkeypatch)

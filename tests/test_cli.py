@@ -49,7 +49,7 @@ def test_help_explains_the_policy():
     assert "138x138 at row 40, column 20" in text and "178x218" in text
 
 
-def test_upscale_one_file_with_compare_and_heatmap(tmp_path, tiny_ckpt):
+def test_upscale_one_file_with_compare_and_heatmap(tmp_path, tiny_ckpt, write_watcher):
     src = face(tmp_path / "a.png", size=(40, 30))
     res = run("upscale", src, "--checkpoint", tiny_ckpt, "--compare", "--heatmap",
               "--preview-scale", "2")
@@ -63,6 +63,7 @@ def test_upscale_one_file_with_compare_and_heatmap(tmp_path, tiny_ckpt):
     assert Image.open(tmp_path / "a_x4_heatmap.png").size[0] > 2 * 64  # face, map, colour bar
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "a.png", "a_x4.png", "a_x4_compare.png", "a_x4_heatmap.png"]
+    write_watcher.check(*(tmp_path / n for n in ("a_x4.png", "a_x4_compare.png", "a_x4_heatmap.png")))
     # one legend, and a summary line that lists every file written
     assert res.output.count("tokens/step = mean accepted block") == 1
     line = next(x for x in res.output.splitlines() if x.startswith(f"{src} -> "))
@@ -341,13 +342,14 @@ def test_upscale_rule_reaches_the_decode(tmp_path, tiny_ckpt):
     assert res.exit_code == 2 and "mode" in res.output
 
 
-def test_evaluate_writes_json(tmp_path, tiny_ckpt):
+def test_evaluate_writes_json(tmp_path, tiny_ckpt, write_watcher):
     rng = np.random.default_rng(0)
     npz = tmp_path / "faces.npz"
     np.savez(npz, images=rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
     res = run("evaluate", npz, "--k", "2", "--epsilon", "0,2", "--rule", "argmax,mean",
               "--checkpoint", tiny_ckpt, "--json", tmp_path / "e.json", "-q")
     assert res.exit_code == 0, res.output
+    write_watcher.check(tmp_path / "e.json")
     rows = json.loads((tmp_path / "e.json").read_text())["rows"]
     names = [r["method"] for r in rows]
     assert names == ["bicubic", "lanczos", "cond net (mean)",
@@ -391,7 +393,7 @@ def test_evaluate_measures_every_row_on_the_looser_framing_too(tmp_path, tiny_ck
     assert res.exit_code != 0 and "decoding" not in res.output
 
 
-def test_benchmark_writes_json_table_and_plot(tmp_path, tiny_ckpt):
+def test_benchmark_writes_json_table_and_plot(tmp_path, tiny_ckpt, write_watcher):
     rng = np.random.default_rng(0)
     npz = tmp_path / "faces.npz"
     np.savez(npz, images=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
@@ -410,6 +412,7 @@ def test_benchmark_writes_json_table_and_plot(tmp_path, tiny_ckpt):
     assert "| 3 |" in (tmp_path / "b" / "table.md").read_text()
     assert [(r["temperature"], r["k"]) for r in result["sampling"]] == [(0.9, 1), (0.9, 2)]
     assert (tmp_path / "b" / "plots.png").stat().st_size > 1000
+    write_watcher.check(tmp_path / "b")  # benchmark.json, table.md, plots.png
 
 
 def test_benchmark_needs_data_and_says_only_what_it_wrote(tmp_path, tiny_ckpt):
@@ -427,9 +430,10 @@ def test_benchmark_needs_data_and_says_only_what_it_wrote(tmp_path, tiny_ckpt):
 
 
 @pytest.mark.parametrize("dtype", [None, "fp16"])
-def test_export_makes_a_small_loadable_copy(tmp_path, tiny_ckpt, dtype):
+def test_export_makes_a_small_loadable_copy(tmp_path, tiny_ckpt, dtype, write_watcher):
     res = run("export", tiny_ckpt, tmp_path / "small.pt", *(["--dtype", dtype] if dtype else []))
     assert res.exit_code == 0, res.output
+    write_watcher.check(tmp_path / "small.pt")
     from bpd_sr.io.pretrained import load_checkpoint, model_from_checkpoint
 
     ck = load_checkpoint(tmp_path / "small.pt")
