@@ -53,8 +53,8 @@ def test_auto_follows_the_costs(monkeypatch, tmp_path):
     monkeypatch.setenv("BPD_SR_CACHE", "off")
     model = tiny_model(k=4, seed=8)
     lr = random_lr(1, seed=8)
-    costs = {False: lambda m, lr, k, rule: float(k),  # compute-bound: k times the cost
-             True: lambda m, lr, k, rule: 1.0 if k == 1 else 0.5}  # forced: blockwise cheaper
+    costs = {False: lambda m, lr, k: float(k),  # compute-bound: k times the cost
+             True: lambda m, lr, k: 1.0 if k == 1 else 0.5}  # forced: blockwise cheaper
     for expect_blockwise, cost in costs.items():
         monkeypatch.setattr(autok, "_seconds_per_step", cost)
         res = autok.auto_decode(model, lr, n_tokens=200)
