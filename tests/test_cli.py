@@ -32,6 +32,14 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def model_and_input(ckpt: Path, src: Path):
+    """The model the CLI loads from ckpt and the uint8 (1, 8, 8, 3) input it reads from an
+    8x8 src: for comparing what a command wrote with the library's own decode."""
+    from bpd_sr import load_pretrained
+
+    return load_pretrained(ckpt), torch.as_tensor(np.array(Image.open(src)))[None]
+
+
 def face(path: Path, size=(8, 8), mode="RGB") -> Path:
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
@@ -76,7 +84,7 @@ def test_the_same_upscale_gives_the_same_image_every_time(tmp_path, tiny_ckpt, m
     """The image is a function of the input, the weights and the options: not of the k = auto
     cache (cold, warm or corrupt), the thread count or --heatmap. Every line names the k and
     tolerance that decoded."""
-    from bpd_sr import blockwise_parallel_decode, load_pretrained
+    from bpd_sr import blockwise_parallel_decode
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     src = face(tmp_path / "a.png")
@@ -94,8 +102,7 @@ def test_the_same_upscale_gives_the_same_image_every_time(tmp_path, tiny_ckpt, m
     # threads: the same tokens at 1 and 2 (a prefix: which thread count --threads sets is
     # test_threads_policy_one_thread_unless_told's; two threads per worker here would
     # oversubscribe the machine the suite runs on)
-    model = load_pretrained(tiny_ckpt)
-    lr = torch.as_tensor(np.array(Image.open(src)))[None]
+    model, lr = model_and_input(tiny_ckpt, src)
     before = torch.get_num_threads()
     try:
         decodes = []
@@ -340,11 +347,10 @@ def test_default_weights_upscale_the_example_face(tmp_path):
 
 def test_upscale_rule_reaches_the_decode(tmp_path, tiny_ckpt):
     """Each --rule writes exactly the library's decode under that rule, at the defaults."""
-    from bpd_sr import blockwise_parallel_decode, load_pretrained
+    from bpd_sr import blockwise_parallel_decode
 
     src = face(tmp_path / "f.png")
-    lr = torch.as_tensor(np.array(Image.open(src)))[None]
-    model = load_pretrained(tiny_ckpt)
+    model, lr = model_and_input(tiny_ckpt, src)
     outs = {}
     for rule in ("argmax", "mean"):
         res = run("upscale", src, "-o", tmp_path / rule, "--rule", rule, "--checkpoint", tiny_ckpt)
@@ -467,11 +473,10 @@ def test_upscale_samples_at_a_temperature(tmp_path, tiny_ckpt):
     """--samples N writes N exact samples, sample i seeded by (--seed, i): exactly the
     library's sampler with those generators (so the same on every run, other for another
     seed)."""
-    from bpd_sr import blockwise_parallel_decode, load_pretrained
+    from bpd_sr import blockwise_parallel_decode
 
     src = face(tmp_path / "a.png")
-    lr = torch.as_tensor(np.array(Image.open(src)))[None]
-    model = load_pretrained(tiny_ckpt)
+    model, lr = model_and_input(tiny_ckpt, src)
     res = run("upscale", src, "--checkpoint", tiny_ckpt, "--temperature", "0.9", "--samples", "2",
               "--seed", "3", "--compare", "-q", "-o", tmp_path / "o")
     assert res.exit_code == 0, res.output
@@ -500,18 +505,18 @@ def _every_decoding_command_passes_threads_on(tmp_path, tiny_ckpt, monkeypatch):
         asked.append(threads)
         raise _Stop
 
-    monkeypatch.setattr(bpd_sr.threads, "apply", record)
-    npz = tmp_path / "threads_faces.npz"
-    np.savez(npz, images=np.zeros((2, 32, 32, 3), dtype=np.uint8))
-    commands = {"upscale": [face(tmp_path / "t.png")], "evaluate": [npz],
-                "benchmark": ["--data", npz, "--out", tmp_path / "tb"],
-                "fit-heads": ["--data", npz, "--init", tiny_ckpt, "--out", tmp_path / "th"]}
-    for command, args in commands.items():
-        extra = [] if command == "fit-heads" else ["--checkpoint", tiny_ckpt]
-        res = run(command, *args, *extra, "--threads", "3", "-q" if command != "fit-heads" else "--quiet")
-        assert isinstance(res.exception, _Stop), (command, res.output)
-        assert asked[-1] == 3, command
-    monkeypatch.undo()
+    with monkeypatch.context() as only_here:  # undoes this stub alone, not the caller's
+        only_here.setattr(bpd_sr.threads, "apply", record)
+        npz = tmp_path / "threads_faces.npz"
+        np.savez(npz, images=np.zeros((2, 32, 32, 3), dtype=np.uint8))
+        commands = {"upscale": [face(tmp_path / "t.png")], "evaluate": [npz],
+                    "benchmark": ["--data", npz, "--out", tmp_path / "tb"],
+                    "fit-heads": ["--data", npz, "--init", tiny_ckpt, "--out", tmp_path / "th"]}
+        for command, args in commands.items():
+            extra = [] if command == "fit-heads" else ["--checkpoint", tiny_ckpt]
+            res = run(command, *args, *extra, "--threads", "3", "-q" if command != "fit-heads" else "--quiet")
+            assert isinstance(res.exception, _Stop), (command, res.output)
+            assert asked[-1] == 3, command
 
 
 def test_threads_policy_one_thread_unless_told(tmp_path, tiny_ckpt, monkeypatch):
