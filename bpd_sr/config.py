@@ -73,6 +73,10 @@ class ModelConfig:
     # most of the net's arithmetic at full width, while the detail is decided at 8x8
     cond_up_channels: int = 0
     cond_head: str = "logits"  # "logits" (256 per colour) or "gaussian" (mu, sigma per colour)
+    # run the net on the face and on its mirror image and average the two outputs (a
+    # self-ensemble: faces are nearly mirror-symmetric and the net is trained with flips, so
+    # the two runs err differently); twice the net's small share of the arithmetic
+    cond_flip_average: bool = False
     # weight of the conditioning logits in the sum with the decoder's (1: as trained): one
     # number, or one per colour (R, G, B) as ``bpd-sr fit-mixture`` fits them on held-out
     # faces; a decoding setting saved with the checkpoint

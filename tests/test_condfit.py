@@ -251,3 +251,33 @@ def test_fit_cond_can_fine_tune_the_init_net_itself(tmp_path):
     # two small steps from the init's weights: close to them, yet moved
     assert torch.allclose(model.cond.stem.weight, before, atol=0.05)
     assert not torch.equal(model.cond.stem.weight, before)
+
+
+@pytest.mark.parametrize("head", ["gaussian", "logits"])
+def test_flip_average_is_the_mean_of_the_face_and_its_mirror_image(head):
+    torch.manual_seed(0)
+    net = ConditioningNet(8, 1, head=head).double()
+    with torch.no_grad():
+        net.out.weight.normal_(0, 0.05)
+    lr = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    mirror = lr.flip(2)  # (B, 8, 8, 3): columns reversed
+    plain, plain_mirror = net(lr), net(mirror)
+    net.flip_average = True
+    averaged = net(lr)
+    # logits in raster order (row, col, colour): mirror the columns back, then average
+    back = plain_mirror.view(2, 32, 32, 3, 256).flip(2).reshape(2, 3072, 256)
+    if head == "logits":
+        assert torch.allclose(averaged, 0.5 * (plain + back), atol=1e-9)
+    else:  # the average is of mu and log sigma, so compare the parameters
+        net.flip_average = False
+        mu, sigma = net.gaussian_parameters(lr)
+        mu_m, sigma_m = (t.flip(3) for t in net.gaussian_parameters(mirror))
+        net.flip_average = True
+        mu_a, sigma_a = net.gaussian_parameters(lr)
+        assert torch.allclose(mu_a, 0.5 * (mu + mu_m), atol=1e-9)
+        assert torch.allclose(sigma_a, (sigma * sigma_m).sqrt(), atol=1e-9)
+    assert not torch.allclose(averaged, plain, atol=1e-3)  # the mirror run did count
+    # and the averaged net is mirror-equivariant
+    assert torch.allclose(net(mirror).view(2, 32, 32, 3, 256).flip(2).reshape(2, 3072, 256),
+                          averaged, atol=1e-9)
+

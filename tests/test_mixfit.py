@@ -86,7 +86,7 @@ def test_fit_mixture_writes_a_model_that_loads_with_its_mixture(tmp_path):
     r = CliRunner().invoke(main, ["fit-mixture", "--data", str(tmp_path / "faces.npz"),
                                   "--checkpoint", str(ckpt), "--out", str(out), "--n-faces", "4",
                                   "--rounds", "1", "--k", "3", "--epsilon", "2", "--json",
-                                  str(log), "-q"])
+                                  str(log), "--flip-average", "-q"])
     assert r.exit_code == 0, r.output
     rounds = json.loads(log.read_text())
     assert [e["round"] for e in rounds] == [0, 1]
@@ -94,6 +94,8 @@ def test_fit_mixture_writes_a_model_that_loads_with_its_mixture(tmp_path):
     best = max(rounds, key=lambda e: e["decode_psnr"])
     loaded = load_pretrained(out)
     assert loaded.cfg.cond_scales == pytest.approx(tuple(best["cond_scale"]))
+    assert loaded.cfg.cond_flip_average and loaded.cond.flip_average  # saved with the model
+    assert not model.cfg.cond_flip_average
     assert load_checkpoint(out)["about"]["mixture_fit"]["n_faces"] == 4
     # a k the model does not have is refused before any work
     r = CliRunner().invoke(main, ["fit-mixture", "--data", str(tmp_path / "faces.npz"),

@@ -218,13 +218,16 @@ def fit_cond_command(resume: bool, quiet: bool, **kwargs) -> None:
               help="Proposals of the decodes.")
 @click.option("--epsilon", type=click.IntRange(0, 255), default=DEFAULT_EPSILON,
               show_default=True, help="Tolerance of the decodes.")
+@click.option("--flip-average/--no-flip-average", default=None,
+              help="Run the conditioning net on each face and its mirror image and average "
+                   "the two (a self-ensemble) before fitting  [default: as the checkpoint].")
 @click.option("--json", "json_path", type=click.Path(), default=None,
               help="Also write the log of the rounds here.")
 @threads_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
 def fit_mixture_command(data, checkpoint, dest, n_faces, objective, rounds, k, epsilon,
-                        json_path, threads, quiet):
+                        flip_average, json_path, threads, quiet):
     """Fit how much the decoder and the conditioning net weigh in the model's logits (a
     decoder temperature and one conditioning weight per colour) on held-out faces, on the
     states the decode itself meets, and keep the mixture that decodes best."""
@@ -232,7 +235,7 @@ def fit_mixture_command(data, checkpoint, dest, n_faces, objective, rounds, k, e
 
     from bpd_sr.io.data import load_faces
     from bpd_sr.io.pretrained import load_pretrained, save_checkpoint
-    from bpd_sr.training.mixfit import fit_rounds
+    from bpd_sr.training.mixfit import fit_rounds, set_flip_average
 
     _writable_file(dest, "--out")
     if json_path:
@@ -240,6 +243,10 @@ def fit_mixture_command(data, checkpoint, dest, n_faces, objective, rounds, k, e
     model = load_pretrained(checkpoint, threads=threads)
     if k > model.cfg.k:
         raise click.UsageError(f"--k {k} is more than the model's {model.cfg.k} proposal slots")
+    if flip_average is not None:
+        if model.cond is None:
+            raise click.UsageError("--flip-average needs a model with a conditioning net")
+        set_flip_average(model, flip_average)
     faces = load_faces(data, progress=not quiet)[-n_faces:]
     model, log = fit_rounds(model, faces, objective, rounds, k, epsilon, progress=not quiet)
     save_checkpoint(dest, model, dtype=torch.bfloat16, extra={"about": {"mixture_fit": {

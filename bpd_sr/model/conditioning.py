@@ -22,11 +22,15 @@ class ConditioningNet(nn.Module):
       unimodal, so its expected intensity is mu away from the ends of the range. mu is a
       residual over the input pixel it lies under. 6 outputs per pixel instead of 768: far
       cheaper to train on a CPU (``bpd_sr.training.condfit``).
+
+    ``flip_average``: the output layer is the mean of the net's outputs for the face and for
+    its mirror image (flipped back), i.e. the net is made mirror-equivariant at run time.
     """
 
     def __init__(self, width: int, n_blocks: int = 2, head: str = "logits",
-                 up_width: int = 0) -> None:
+                 up_width: int = 0, flip_average: bool = False) -> None:
         super().__init__()
+        self.flip_average = flip_average
         c = width
         u = up_width or width  # channels of the upsampling path (16x16 and 32x32)
         self.stem = nn.Conv2d(CHANNELS, c, 3, padding=1)
@@ -70,15 +74,24 @@ class ConditioningNet(nn.Module):
         the sigma outputs read the features detached, so that fitting sigma trains only its
         own output weights."""
         x = lr.permute(0, 3, 1, 2).to(self.stem.weight.dtype)  # (B, 3, 8, 8)
+        if not self.flip_average:
+            return x, self._output(x, rows, detach_scale)
+        # one pass over the faces and their mirror images; every output (mu's residual, log
+        # sigma, a logit) sits over the same input pixel in both, so flipping back aligns them
+        y = self._output(torch.cat([x, x.flip(3)]), rows, detach_scale)
+        return x, 0.5 * (y[: len(x)] + y[len(x):].flip(3))
+
+    def _output(self, x: torch.Tensor, rows: int, detach_scale: bool) -> torch.Tensor:
+        """x (B, 3, 8, 8) input intensities -> the output layer (B, 768 or 6, rows, 32)."""
         y = self.stem(x / 127.5 - 1.0)
         for block in self.res:
             y = y + block(y)
         features = self.up(y)[:, :, :rows]
         if not detach_scale:
-            return x, self.out(features)
+            return self.out(features)
         w, b = self.out.weight, self.out.bias
-        return x, torch.cat([F.conv2d(features, w[:CHANNELS], b[:CHANNELS]),
-                             F.conv2d(features.detach(), w[CHANNELS:], b[CHANNELS:])], dim=1)
+        return torch.cat([F.conv2d(features, w[:CHANNELS], b[:CHANNELS]),
+                          F.conv2d(features.detach(), w[CHANNELS:], b[CHANNELS:])], dim=1)
 
     def _logits(self, lr: torch.Tensor, n_positions: int) -> torch.Tensor:
         rows = -(-n_positions // (HR_SIZE * CHANNELS))  # image rows holding those targets

@@ -119,7 +119,7 @@ class ImageTransformer(nn.Module):
         self.heads = ProposalHeads(cfg)
         self.out_proj = nn.Linear(d, N_INTENSITIES)  # shared by every slot
         self.cond = (ConditioningNet(cfg.cond_channels, cfg.cond_blocks, cfg.cond_head,
-                                     cfg.cond_up_channels)
+                                     cfg.cond_up_channels, cfg.cond_flip_average)
                      if cfg.cond_channels > 0 else None)
         row, col, chan, lr_index = hr_position_tables()
         self.register_buffer("pos_row", row, persistent=False)

@@ -144,7 +144,8 @@ def _model_with_net(cfg: CondFitConfig, state: dict | None):
         model.cfg = replace(model.cfg, cond_channels=cfg.width, cond_blocks=cfg.blocks,
                             cond_head=cfg.head, cond_up_channels=cfg.up_width)
         torch.manual_seed(cfg.seed)
-        model.cond = ConditioningNet(cfg.width, cfg.blocks, cfg.head, cfg.up_width)
+        model.cond = ConditioningNet(cfg.width, cfg.blocks, cfg.head, cfg.up_width,
+                                     model.cfg.cond_flip_average)
     if cfg.objective == "regression" and cfg.head != "gaussian":
         raise CondFitError("the regression objective needs the gaussian head")
     if state is not None:

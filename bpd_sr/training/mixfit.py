@@ -122,8 +122,9 @@ def fit_mixture(data: ExpertLogits, objective: str = "mse", start_temperature: f
         return mixture_loss(data, log_t.exp(), log_s.exp(), objective)
 
     opt.step(closure)
-    scales = tuple(round(float(v), 4) for v in log_s.detach().exp())
-    return round(float(log_t.detach().exp()), 4), scales  # type: ignore[return-value]
+    # 4 significant digits, not decimals: a weight fitted near zero must stay positive
+    scales = tuple(float(f"{float(v):.4g}") for v in log_s.detach().exp())
+    return float(f"{float(log_t.detach().exp()):.4g}"), scales  # type: ignore[return-value]
 
 
 @torch.no_grad()
@@ -136,6 +137,16 @@ def apply_mixture(model: ImageTransformer, temperature: float,
     if model.out_proj.bias is not None:
         model.out_proj.bias.mul_(temperature)
     model.cfg = replace(model.cfg, cond_scale=tuple(float(v) for v in cond_scale))
+    return model
+
+
+def set_flip_average(model: ImageTransformer, on: bool) -> ImageTransformer:
+    """Switch the conditioning net's mirror self-ensemble (``ModelConfig.cond_flip_average``)
+    on or off in place; it changes the net's logits, so the mixture is fitted after it."""
+    if model.cond is None:
+        raise ValueError("the model has no conditioning net")
+    model.cfg = replace(model.cfg, cond_flip_average=on)
+    model.cond.flip_average = on
     return model
 
 
@@ -191,5 +202,5 @@ def fit_rounds(model: ImageTransformer, hr: torch.Tensor, objective: str = "mse"
     return model, log
 
 
-__all__ = ["decode_faces", "fit_rounds", "ExpertLogits", "OBJECTIVES", "apply_mixture", "evaluate_mixture", "expert_logits",
-           "fit_mixture", "mixture_loss"]
+__all__ = ["decode_faces", "fit_rounds", "ExpertLogits", "OBJECTIVES", "apply_mixture",
+           "evaluate_mixture", "expert_logits", "fit_mixture", "mixture_loss", "set_flip_average"]
