@@ -26,6 +26,22 @@ def pytest_configure(config):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
+# The files that take most of the run, longest first. pytest-xdist (--dist loadfile) hands a
+# worker the next file in collection order when its current one is nearly done; a long file
+# collected last (alphabetically, test_train.py) would leave the other worker idle at the end.
+LONGEST_FIRST = ("test_cli.py", "test_train.py", "test_decoding.py",
+                 "accepted_block_heatmaps.ipynb", "test_headfit.py", "test_sampling.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Collect the longest files first (a stable sort: each file keeps its own order)."""
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
+
+
 def tiny_model(k: int = 4, seed: int = 0, dtype=torch.float64, **overrides) -> ImageTransformer:
     torch.manual_seed(seed)
     model = ImageTransformer(ModelConfig.preset("tiny", k=k, **overrides)).to(dtype).eval()
