@@ -280,4 +280,3 @@ def test_flip_average_is_the_mean_of_the_face_and_its_mirror_image(head):
     # and the averaged net is mirror-equivariant
     assert torch.allclose(net(mirror).view(2, 32, 32, 3, 256).flip(2).reshape(2, 3072, 256),
                           averaged, atol=1e-9)
-

@@ -14,8 +14,8 @@ from bpd_sr.training.loss import sr_loss
 from tests.conftest import random_lr, tiny_model
 
 # The sweeps below decode a prefix: parity holds token by token, so 389 tokens (4 rows of the
-# image, one pixel and two channels: six of the tiny model's 64-token attention blocks, a
-# prime, so no k divides it, and it ends inside a pixel) test what 3072 would, at an eighth
+# image, one pixel and two channels: into the seventh of the tiny model's 64-token attention
+# blocks; a prime, so no k divides it; it ends inside a pixel) test what 3072 would, at an eighth
 # of the time. Decodes to the last token are tested by
 # test_exact_blockwise_equals_greedy_to_the_last_token.
 N = 389

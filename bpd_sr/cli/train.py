@@ -244,9 +244,10 @@ def fit_mixture_command(data, checkpoint, dest, n_faces, objective, rounds, k, e
     if k > model.cfg.k:
         raise click.UsageError(f"--k {k} is more than the model's {model.cfg.k} proposal slots")
     if flip_average is not None:
-        if model.cond is None:
-            raise click.UsageError("--flip-average needs a model with a conditioning net")
-        set_flip_average(model, flip_average)
+        try:
+            set_flip_average(model, flip_average)
+        except ValueError as e:  # the model has no conditioning net
+            raise click.UsageError(f"--flip-average: {e}") from None
     faces = load_faces(data, progress=not quiet)[-n_faces:]
     model, log = fit_rounds(model, faces, objective, rounds, k, epsilon, progress=not quiet)
     save_checkpoint(dest, model, dtype=torch.bfloat16, extra={"about": {"mixture_fit": {
