@@ -297,11 +297,27 @@ def test_bad_checkpoint_is_one_sentence(tmp_path, tiny_ckpt, problem):
 
 def test_missing_path_and_empty_folder(tmp_path, tiny_ckpt):
     res = run("upscale", tmp_path / "nope.png", "--checkpoint", tiny_ckpt)
-    assert res.exit_code != 0 and "nope.png" in res.output
+    assert res.exit_code != 0
+    assert res.output.strip() == f"Error: {tmp_path / 'nope.png'}: no such file or folder"
     (tmp_path / "empty").mkdir()
     res = run("upscale", tmp_path / "empty", "--checkpoint", tiny_ckpt)
-    assert res.exit_code != 0 and "no images" in res.output
+    assert res.exit_code != 0
+    assert res.output.strip() == f"Error: {tmp_path / 'empty'}: no image files in this folder"
     assert "Traceback" not in res.output
+
+
+def test_an_unreadable_image_is_reported_without_the_legend(tmp_path, tiny_ckpt):
+    """A file that is not an image fails on its own line; the legend of the result lines is
+    printed above the first result only, so a run with none has no legend."""
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    res = run("upscale", bad, "--checkpoint", tiny_ckpt)
+    assert res.exit_code == 1
+    assert f"{bad}: cannot read" in res.output and "tokens/step" not in res.output
+    assert not (tmp_path / "bad_x4.png").exists()
+    good = face(tmp_path / "good.png")
+    res = run("upscale", bad, good, "--checkpoint", tiny_ckpt)
+    assert res.exit_code == 1 and res.output.count("tokens/step =") == 1
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write to a read-only folder")

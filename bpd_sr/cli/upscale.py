@@ -164,14 +164,16 @@ def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, ep
     if compile_step:
         _compile(session, 1 if sequential else k, quiet)
     # 3. each input: read, decode, write
-    if not quiet:
-        click.echo(LEGEND)
+    legend = not quiet  # shown above the first result, not above an input that failed
     for path, names in plans.items():
         try:
             done = upscale_file(session, path, names, settings, crop, 32 * preview_scale)
         except _user_errors() as e:
             failed.append((path, str(e)))
             continue
+        if legend:
+            click.echo(LEGEND)
+            legend = False
         if not quiet:
             for notice in done.notices:
                 click.echo(f"{path}: {notice}")
@@ -200,6 +202,8 @@ def _plan(paths, recursive: bool, out_dir, suffix: str, samples, heatmap: bool, 
                                           samples or 1, heatmap, compare)
     failed = found.errors + refused
     if not plans:
+        if len(failed) == 1:  # one bad input: its reason is the whole error, on one line
+            raise click.ClickException(f"{failed[0][0]}: {failed[0][1]}")
         _report_failures(failed)
         raise click.ClickException("no images to upscale")
     for folder in sorted({p.parent for names in plans.values() for p in names.all()}):
