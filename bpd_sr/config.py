@@ -253,6 +253,7 @@ class CondFitConfig:
     max_zoom: float = 1.5
     max_shift: float = 2.0
     reframed_share: float = 1.0  # the share of faces zoomed and shifted (the rest: flips only)
+    max_rotation: float = 0.0  # degrees either way, for the reframed share (0: off)
     n_val: int = 256  # held out from the training data to report PSNR; the best is kept
     eval_every: int = 500
     ckpt_minutes: float = 3.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bpd_sr.training.augment import augment_faces
@@ -45,3 +46,27 @@ def test_only_the_reframed_share_is_zoomed_and_shifted():
     half = augment_faces(hr, torch.Generator().manual_seed(3), flip=False, reframed_share=0.5)
     kept = (half == hr).flatten(1).all(1).float().mean().item()
     assert 0.3 < kept < 0.7  # about half keep the training crop
+
+
+def test_rotation_turns_the_reframed_faces_and_fills_them_from_the_mirrored_border():
+    hr = torch.zeros(32, 32, 32, 3, dtype=torch.uint8)
+    hr[:, 14:18, :] = 255  # a horizontal bar through the middle
+    turned = augment_faces(hr, torch.Generator().manual_seed(4), max_zoom=1.0, max_shift=0.0,
+                           flip=False, max_rotation=15.0)
+    assert (turned != hr).flatten(1).any(1).all()  # every face turned
+    # a turned bar leaves its rows at the left and right edges, the more the larger the angle
+    assert turned[:, 14:18, [0, -1]].float().mean() < 0.8 * 255
+    assert turned[:, 14:18, 14:18].float().mean() > 0.95 * 255  # about the centre
+    flat = torch.full((32, 32, 32, 3), 200, dtype=torch.uint8)
+    worst = augment_faces(flat, torch.Generator().manual_seed(4), max_zoom=1.5, max_shift=8.0,
+                          max_rotation=15.0)
+    assert torch.equal(worst, flat)  # no empty corner anywhere
+
+
+def test_no_rotation_draws_nothing_so_older_runs_keep_their_random_stream():
+    hr = _faces(16)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(augment_faces(hr, g1), augment_faces(hr, g2, max_rotation=0.0))
+    assert torch.equal(g1.get_state(), g2.get_state())
+    with pytest.raises(ValueError, match="max_rotation"):
+        augment_faces(hr, g1, max_rotation=20.0)

@@ -240,12 +240,14 @@ def test_fit_cond_can_fine_tune_the_init_net_itself(tmp_path):
     init = save_checkpoint(tmp_path / "init.pt", base)
     args = ["fit-cond", "--data", faces, "--init", init, "--keep-net", "--width", "99",
             "--batch-size", "4", "--n-val", "2", "--eval-every", "2", "--steps", "2",
-            "--objective", "regression", "--reframed-share", "0.5", "--quiet", "--out",
-            tmp_path / "r"]
+            "--objective", "regression", "--reframed-share", "0.5", "--max-rotation", "10",
+            "--quiet", "--out", tmp_path / "r"]
     res = CliRunner().invoke(main, [str(a) for a in args])
     assert res.exit_code == 0, res.output
     model = load_pretrained(tmp_path / "r" / "cond.pt")
     assert model.cfg.cond_channels == base.cfg.cond_channels  # the init's shape, not --width
+    about = load_checkpoint(tmp_path / "r" / "cond.pt")["about"]["cond_fit_config"]
+    assert about["max_rotation"] == 10.0 and about["reframed_share"] == 0.5
     before = base.cond.stem.weight
     assert model.cond.stem.weight.shape == before.shape
     # two small steps from the init's weights: close to them, yet moved

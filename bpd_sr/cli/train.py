@@ -172,8 +172,11 @@ def fit_heads_command(quiet: bool, threads: int | None, **kwargs) -> None:
 @click.option("--max-shift", type=click.FloatRange(0.0, 8.0), default=2.0, show_default=True,
               help="Augmentation: shift each face by up to this many pixels (0: off).")
 @click.option("--reframed-share", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
-              help="Augmentation: the share of faces zoomed and shifted; the rest keep the "
+              help="Augmentation: the share of faces zoomed, shifted and rotated; the rest keep the "
                    "training crop (flips apply to all).")
+@click.option("--max-rotation", type=click.FloatRange(0.0, 15.0), default=0.0, show_default=True,
+              help="Augmentation: rotate the reframed faces by up to this many degrees either "
+                   "way (teaches tilted heads; 0: off).")
 @click.option("--keep-net", is_flag=True,
               help="Fine-tune --init's own conditioning net (its shape) instead of a new one.")
 @click.option("--warmup-steps", type=click.IntRange(0, None), default=100, show_default=True)

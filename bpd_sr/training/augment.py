@@ -4,10 +4,13 @@ The training faces are all framed alike (aligned CelebA's tight crop), so a net 
 them alone learns that framing and does worse on looser ones. Each face of a batch here is,
 with its own random parameters:
 
-- zoomed out: reflection-padded by half its size on every side, then a square of side
+- zoomed out: reflection-padded by its size on every side, then a square of side
   ``zoom`` x 32 (zoom uniform in [1, max_zoom]) is cut around the face and resized back to
   32x32 with antialiasing (the face shrinks, the background around it is mirrored);
 - shifted by up to ``max_shift`` pixels (of the 32) in each direction;
+- rotated by up to ``max_rotation`` degrees either way about the centre, before the cut, so
+  that the mirrored border, not an empty corner, fills the square (tilted heads are the faces
+  a net trained on upright crops does worst on);
 - flipped horizontally with probability 1/2.
 
 It works on uint8 (B, 32, 32, 3) tensors on any device (a GPU too); zoom 1, shift 0 and no
@@ -17,39 +20,55 @@ flip give the face back unchanged.
 from __future__ import annotations
 
 import torch
+from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from bpd_sr.config import HR_SIZE
 
+MAX_ROTATION = 15.0  # degrees (augment_faces)
+
 
 def augment_faces(hr: torch.Tensor, generator: torch.Generator, max_zoom: float = 1.5,
                   max_shift: float = 2.0, flip: bool = True, reframed_share: float = 1.0,
-                  ) -> torch.Tensor:
+                  max_rotation: float = 0.0) -> torch.Tensor:
     """uint8 (B, 32, 32, 3) -> uint8 (B, 32, 32, 3), each face framed anew (module
-    docstring); only a random ``reframed_share`` of them is zoomed and shifted, the rest keep
+    docstring); only a random ``reframed_share`` of them is zoomed, shifted and rotated, the rest keep
     the training crop (a net that sees only zoomed faces does worse on the training crop).
     The random draws come from ``generator`` (a CPU generator), so a run is reproducible
-    from its seed."""
+    from its seed; with ``max_rotation`` 0 no angle is drawn, so the draws of runs made
+    before rotations existed stay the same. ``max_rotation`` is at most 15 degrees: the
+    rotated corners of a cut zoomed up to 1.5 and shifted up to 8 pixels then stay inside
+    the mirrored border."""
+    if not 0.0 <= max_rotation <= MAX_ROTATION:
+        raise ValueError(f"max_rotation must be in [0, {MAX_ROTATION}] degrees")
     b = hr.shape[0]
-    pad = HR_SIZE // 2
+    pad = HR_SIZE
     zoom = 1 + (max_zoom - 1) * torch.rand(b, generator=generator)
     shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * max_shift
     do_flip = (torch.rand(b, generator=generator) < 0.5) & flip
     keep = torch.rand(b, generator=generator) >= reframed_share
-    zoom[keep], shift[keep] = 1.0, 0.0
+    angle = torch.zeros(b)
+    if max_rotation > 0:
+        angle = (torch.rand(b, generator=generator) * 2 - 1) * max_rotation
+    zoom[keep], shift[keep], angle[keep] = 1.0, 0.0, 0.0
     x = hr.permute(0, 3, 1, 2)  # (B, 3, 32, 32): torchvision's layout
-    padded = TF.pad(x.float(), [pad] * 4, padding_mode="reflect")  # (B, 3, 64, 64)
+    # mirrored twice, since one reflection can add less than the image's own size
+    padded = TF.pad(x.float(), [pad // 2] * 4, padding_mode="reflect")
+    padded = TF.pad(padded, [pad - pad // 2] * 4, padding_mode="reflect")  # (B, 3, 96, 96)
     out = []
     for i in range(b):
+        src = padded[i]
+        if float(angle[i]) != 0.0:
+            src = TF.rotate(src, float(angle[i]), interpolation=InterpolationMode.BILINEAR)
         side = int(round(HR_SIZE * float(zoom[i])))
         top = int(round(pad + (HR_SIZE - side) / 2 + float(shift[i, 0])))
         left = int(round(pad + (HR_SIZE - side) / 2 + float(shift[i, 1])))
         top = min(max(top, 0), 2 * pad + HR_SIZE - side)
         left = min(max(left, 0), 2 * pad + HR_SIZE - side)
         if side == HR_SIZE:  # a shift alone: a plain crop, no resampling
-            face = TF.crop(padded[i], top, left, side, side)
+            face = TF.crop(src, top, left, side, side)
         else:
-            face = TF.resized_crop(padded[i], top, left, side, side, [HR_SIZE, HR_SIZE],
+            face = TF.resized_crop(src, top, left, side, side, [HR_SIZE, HR_SIZE],
                                    antialias=True)
         if do_flip[i]:
             face = TF.horizontal_flip(face)

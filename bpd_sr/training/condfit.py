@@ -158,7 +158,7 @@ def _batch_loss(cfg: CondFitConfig, net: ConditioningNet, train: torch.Tensor,
     """(loss, stats) of one augmented batch of training faces."""
     idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
     hr = augment_faces(train[idx], g, cfg.max_zoom, cfg.max_shift,
-                       reframed_share=cfg.reframed_share)
+                       reframed_share=cfg.reframed_share, max_rotation=cfg.max_rotation)
     if cfg.objective == "regression":
         return regression_loss(*net.gaussian_parameters(downsample(hr), detach_scale=True), hr)
     return conditioning_loss(net(downsample(hr)), image_to_tokens(hr), cfg.value_loss_weight)
