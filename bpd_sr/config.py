@@ -225,6 +225,11 @@ class HeadFitConfig:
         return _from_dict(cls, d)
 
 
+# the largest rotation of the framing augmentation (bpd_sr.training.augment), in degrees:
+# rotated corners of a cut zoomed up to 1.5 and shifted up to 8 pixels stay in its border
+MAX_ROTATION = 15.0
+
+
 @dataclass
 class CondFitConfig:
     """One conditioning-net run (``bpd-sr fit-cond``, ``bpd_sr.training.condfit``); saved in
@@ -252,8 +257,9 @@ class CondFitConfig:
     # many pixels, flips; 1.0 / 0.0 keep the training crop as it is (flips stay)
     max_zoom: float = 1.5
     max_shift: float = 2.0
-    reframed_share: float = 1.0  # the share of faces zoomed and shifted (the rest: flips only)
-    max_rotation: float = 0.0  # degrees either way, for the reframed share (0: off)
+    # the share of faces zoomed, shifted and rotated (the rest: flips only)
+    reframed_share: float = 1.0
+    max_rotation: float = 0.0  # degrees either way, at most MAX_ROTATION (0: off)
     n_val: int = 256  # held out from the training data to report PSNR; the best is kept
     eval_every: int = 500
     ckpt_minutes: float = 3.0

@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 
 from bpd_sr.cli.common import _writable_file, _write_json, main, one_line_errors, threads_option
-from bpd_sr.config import DEFAULT_EPSILON, DEFAULT_K, DEFAULT_RULE, MODEL_PRESETS, TrainConfig
+from bpd_sr.config import (
+    DEFAULT_EPSILON,
+    DEFAULT_K,
+    DEFAULT_RULE,
+    MAX_ROTATION,
+    MODEL_PRESETS,
+    TrainConfig,
+)
 from bpd_sr.decoding.rules import RULES
 
 
@@ -172,9 +179,10 @@ def fit_heads_command(quiet: bool, threads: int | None, **kwargs) -> None:
 @click.option("--max-shift", type=click.FloatRange(0.0, 8.0), default=2.0, show_default=True,
               help="Augmentation: shift each face by up to this many pixels (0: off).")
 @click.option("--reframed-share", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
-              help="Augmentation: the share of faces zoomed, shifted and rotated; the rest keep the "
-                   "training crop (flips apply to all).")
-@click.option("--max-rotation", type=click.FloatRange(0.0, 15.0), default=0.0, show_default=True,
+              help="Augmentation: the share of faces zoomed, shifted and rotated; the rest "
+                   "keep the training crop (flips apply to all).")
+@click.option("--max-rotation", type=click.FloatRange(0.0, MAX_ROTATION), default=0.0,
+              show_default=True,
               help="Augmentation: rotate the reframed faces by up to this many degrees either "
                    "way (teaches tilted heads; 0: off).")
 @click.option("--keep-net", is_flag=True,

@@ -23,22 +23,21 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from bpd_sr.config import HR_SIZE
-
-MAX_ROTATION = 15.0  # degrees (augment_faces)
+from bpd_sr.config import HR_SIZE, MAX_ROTATION
 
 
 def augment_faces(hr: torch.Tensor, generator: torch.Generator, max_zoom: float = 1.5,
                   max_shift: float = 2.0, flip: bool = True, reframed_share: float = 1.0,
                   max_rotation: float = 0.0) -> torch.Tensor:
     """uint8 (B, 32, 32, 3) -> uint8 (B, 32, 32, 3), each face framed anew (module
-    docstring); only a random ``reframed_share`` of them is zoomed, shifted and rotated, the rest keep
-    the training crop (a net that sees only zoomed faces does worse on the training crop).
+    docstring); only a random ``reframed_share`` of them is zoomed, shifted and rotated, the
+    rest keep the training crop (a net that sees only zoomed faces does worse on the training
+    crop).
     The random draws come from ``generator`` (a CPU generator), so a run is reproducible
     from its seed; with ``max_rotation`` 0 no angle is drawn, so the draws of runs made
-    before rotations existed stay the same. ``max_rotation`` is at most 15 degrees: the
-    rotated corners of a cut zoomed up to 1.5 and shifted up to 8 pixels then stay inside
-    the mirrored border."""
+    before rotations existed stay the same. ``max_rotation`` is at most ``MAX_ROTATION``
+    degrees: the rotated corners of a cut zoomed up to 1.5 and shifted up to 8 pixels then
+    stay inside the mirrored border."""
     if not 0.0 <= max_rotation <= MAX_ROTATION:
         raise ValueError(f"max_rotation must be in [0, {MAX_ROTATION}] degrees")
     b = hr.shape[0]
