@@ -260,6 +260,8 @@ class CondFitConfig:
     # the share of faces zoomed, shifted and rotated (the rest: flips only)
     reframed_share: float = 1.0
     max_rotation: float = 0.0  # degrees either way, at most MAX_ROTATION (0: off)
+    # the share of faces rotated, drawn apart from the reframed share (None: the reframed faces)
+    rotated_share: float | None = None
     n_val: int = 256  # held out from the training data to report PSNR; the best is kept
     eval_every: int = 500
     ckpt_minutes: float = 3.0

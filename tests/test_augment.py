@@ -70,3 +70,20 @@ def test_no_rotation_draws_nothing_so_older_runs_keep_their_random_stream():
     assert torch.equal(g1.get_state(), g2.get_state())
     with pytest.raises(ValueError, match="max_rotation"):
         augment_faces(hr, g1, max_rotation=20.0)
+
+
+def test_a_rotated_share_of_its_own_turns_faces_that_keep_the_training_crop():
+    hr = torch.zeros(64, 32, 32, 3, dtype=torch.uint8)
+    hr[:, 14:18, :] = 255  # a horizontal bar through the middle
+    kw = dict(max_zoom=1.5, max_shift=2.0, flip=False, reframed_share=0.0, max_rotation=15.0)
+    # rotating the reframed faces (the default) turns none when none is reframed ...
+    assert torch.equal(augment_faces(hr, torch.Generator().manual_seed(6), **kw), hr)
+    assert torch.equal(augment_faces(hr, torch.Generator().manual_seed(6), rotated_share=0.0,
+                                     **kw), hr)
+    # ... a share of their own turns about that share, unzoomed: the bar stays centred
+    half = augment_faces(hr, torch.Generator().manual_seed(6), rotated_share=0.5, **kw)
+    turned = (half != hr).flatten(1).any(1).float().mean().item()
+    assert 0.3 < turned < 0.7
+    assert half[:, 14:18, 14:18].float().mean() > 0.95 * 255
+    with pytest.raises(ValueError, match="rotated_share"):
+        augment_faces(hr, torch.Generator(), rotated_share=1.5, max_rotation=5.0)

@@ -102,6 +102,7 @@ def test_fit_cond_changes_only_the_conditioning_net_and_resumes(tmp_path):
     (["--resume"], "nothing to resume"),
     (["--steps", "0"], "--steps"),
     (["--width", "0"], "--width"),
+    (["--rotated-share", "0.5"], "needs --max-rotation"),
 ])
 def test_fit_cond_bad_settings_are_one_line_and_no_work(tmp_path, args, message):
     faces = tmp_path / "faces.npz"
@@ -241,13 +242,14 @@ def test_fit_cond_can_fine_tune_the_init_net_itself(tmp_path):
     args = ["fit-cond", "--data", faces, "--init", init, "--keep-net", "--width", "99",
             "--batch-size", "4", "--n-val", "2", "--eval-every", "2", "--steps", "2",
             "--objective", "regression", "--reframed-share", "0.5", "--max-rotation", "10",
-            "--quiet", "--out", tmp_path / "r"]
+            "--rotated-share", "0.25", "--quiet", "--out", tmp_path / "r"]
     res = CliRunner().invoke(main, [str(a) for a in args])
     assert res.exit_code == 0, res.output
     model = load_pretrained(tmp_path / "r" / "cond.pt")
     assert model.cfg.cond_channels == base.cfg.cond_channels  # the init's shape, not --width
     about = load_checkpoint(tmp_path / "r" / "cond.pt")["about"]["cond_fit_config"]
     assert about["max_rotation"] == 10.0 and about["reframed_share"] == 0.5
+    assert about["rotated_share"] == 0.25
     before = base.cond.stem.weight
     assert model.cond.stem.weight.shape == before.shape
     # two small steps from the init's weights: close to them, yet moved

@@ -183,8 +183,11 @@ def fit_heads_command(quiet: bool, threads: int | None, **kwargs) -> None:
                    "keep the training crop (flips apply to all).")
 @click.option("--max-rotation", type=click.FloatRange(0.0, MAX_ROTATION), default=0.0,
               show_default=True,
-              help="Augmentation: rotate the reframed faces by up to this many degrees either "
-                   "way (teaches tilted heads; 0: off).")
+              help="Augmentation: rotate faces by up to this many degrees either way "
+                   "(teaches tilted heads; 0: off); which faces: --rotated-share.")
+@click.option("--rotated-share", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Augmentation: the share of faces rotated, drawn apart from the reframed "
+                   "share, so zoomed-out faces stay upright too (default: the reframed faces).")
 @click.option("--keep-net", is_flag=True,
               help="Fine-tune --init's own conditioning net (its shape) instead of a new one.")
 @click.option("--warmup-steps", type=click.IntRange(0, None), default=100, show_default=True)

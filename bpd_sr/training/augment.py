@@ -10,7 +10,9 @@ with its own random parameters:
 - shifted by up to ``max_shift`` pixels (of the 32) in each direction;
 - rotated by up to ``max_rotation`` degrees either way about the centre, before the cut, so
   that the mirrored border, not an empty corner, fills the square (tilted heads are the faces
-  a net trained on upright crops does worst on);
+  a net trained on upright crops does worst on); either the reframed faces are rotated, or a
+  share of its own (``rotated_share``), drawn independently, so that zoomed-out faces stay
+  upright too;
 - flipped horizontally with probability 1/2.
 
 It works on uint8 (B, 32, 32, 3) tensors on any device (a GPU too); zoom 1, shift 0 and no
@@ -28,11 +30,13 @@ from bpd_sr.config import HR_SIZE, MAX_ROTATION
 
 def augment_faces(hr: torch.Tensor, generator: torch.Generator, max_zoom: float = 1.5,
                   max_shift: float = 2.0, flip: bool = True, reframed_share: float = 1.0,
-                  max_rotation: float = 0.0) -> torch.Tensor:
+                  max_rotation: float = 0.0,
+                  rotated_share: float | None = None) -> torch.Tensor:
     """uint8 (B, 32, 32, 3) -> uint8 (B, 32, 32, 3), each face framed anew (module
     docstring); only a random ``reframed_share`` of them is zoomed, shifted and rotated, the
     rest keep the training crop (a net that sees only zoomed faces does worse on the training
-    crop).
+    crop). ``rotated_share`` None rotates the reframed faces; a number rotates that share
+    of the faces, drawn on its own (a rotated face may or may not also be reframed).
     The random draws come from ``generator`` (a CPU generator), so a run is reproducible
     from its seed; with ``max_rotation`` 0 no angle is drawn, so the draws of runs made
     before rotations existed stay the same. ``max_rotation`` is at most ``MAX_ROTATION``
@@ -40,6 +44,8 @@ def augment_faces(hr: torch.Tensor, generator: torch.Generator, max_zoom: float 
     stay inside the mirrored border."""
     if not 0.0 <= max_rotation <= MAX_ROTATION:
         raise ValueError(f"max_rotation must be in [0, {MAX_ROTATION}] degrees")
+    if rotated_share is not None and not 0.0 <= rotated_share <= 1.0:
+        raise ValueError("rotated_share must be in [0, 1]")
     b = hr.shape[0]
     pad = HR_SIZE
     zoom = 1 + (max_zoom - 1) * torch.rand(b, generator=generator)
@@ -49,7 +55,11 @@ def augment_faces(hr: torch.Tensor, generator: torch.Generator, max_zoom: float 
     angle = torch.zeros(b)
     if max_rotation > 0:
         angle = (torch.rand(b, generator=generator) * 2 - 1) * max_rotation
-    zoom[keep], shift[keep], angle[keep] = 1.0, 0.0, 0.0
+        upright = keep
+        if rotated_share is not None:
+            upright = torch.rand(b, generator=generator) >= rotated_share
+        angle[upright] = 0.0
+    zoom[keep], shift[keep] = 1.0, 0.0
     x = hr.permute(0, 3, 1, 2)  # (B, 3, 32, 32): torchvision's layout
     # mirrored twice, since one reflection can add less than the image's own size
     padded = TF.pad(x.float(), [pad // 2] * 4, padding_mode="reflect")

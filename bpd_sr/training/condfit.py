@@ -134,6 +134,8 @@ def _model_with_net(cfg: CondFitConfig, state: dict | None):
         raise CondFitError(f"unknown head {cfg.head!r}; choose gaussian or logits")
     if cfg.objective not in ("ce", "regression"):
         raise CondFitError(f"unknown objective {cfg.objective!r}; choose ce or regression")
+    if cfg.rotated_share is not None and cfg.max_rotation == 0:
+        raise CondFitError("--rotated-share needs --max-rotation above 0")
     model, _ = warm_start(cfg.init)
     if cfg.keep_net:  # fine-tune the init's own net: its shape, not width / blocks / head
         if model.cond is None:
@@ -158,7 +160,8 @@ def _batch_loss(cfg: CondFitConfig, net: ConditioningNet, train: torch.Tensor,
     """(loss, stats) of one augmented batch of training faces."""
     idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
     hr = augment_faces(train[idx], g, cfg.max_zoom, cfg.max_shift,
-                       reframed_share=cfg.reframed_share, max_rotation=cfg.max_rotation)
+                       reframed_share=cfg.reframed_share, max_rotation=cfg.max_rotation,
+                       rotated_share=cfg.rotated_share)
     if cfg.objective == "regression":
         return regression_loss(*net.gaussian_parameters(downsample(hr), detach_scale=True), hr)
     return conditioning_loss(net(downsample(hr)), image_to_tokens(hr), cfg.value_loss_weight)
