@@ -179,8 +179,8 @@ def fit_heads_command(quiet: bool, threads: int | None, **kwargs) -> None:
 @click.option("--max-shift", type=click.FloatRange(0.0, 8.0), default=2.0, show_default=True,
               help="Augmentation: shift each face by up to this many pixels (0: off).")
 @click.option("--reframed-share", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
-              help="Augmentation: the share of faces zoomed, shifted and rotated; the rest "
-                   "keep the training crop (flips apply to all).")
+              help="Augmentation: the share of faces zoomed and shifted (and rotated, unless "
+                   "--rotated-share); the rest keep the training crop (flips apply to all).")
 @click.option("--max-rotation", type=click.FloatRange(0.0, MAX_ROTATION), default=0.0,
               show_default=True,
               help="Augmentation: rotate faces by up to this many degrees either way "
