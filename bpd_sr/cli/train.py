@@ -227,7 +227,12 @@ def fit_cond_command(resume: bool, quiet: bool, **kwargs) -> None:
                    "nll: likelihood of the true intensity.")
 @click.option("--rounds", type=click.IntRange(1, 10), default=2, show_default=True,
               help="Decode, fit on the decode's own states, repeat; the mixture whose decode "
-                   "did best on the faces is kept (the checkpoint's own included).")
+                   "did best on the faces is kept (the checkpoint's own included; see "
+                   "--psnr-tolerance).")
+@click.option("--psnr-tolerance", type=click.FloatRange(0.0, None), default=0.01,
+              show_default=True,
+              help="Of the decodes within this many dB of the best PSNR, keep the one that "
+                   "accepted the most tokens per step (0: the best PSNR alone).")
 @click.option("--k", type=click.IntRange(1, None), default=DEFAULT_K, show_default=True,
               help="Proposals of the decodes.")
 @click.option("--epsilon", type=click.IntRange(0, 255), default=DEFAULT_EPSILON,
@@ -240,16 +245,17 @@ def fit_cond_command(resume: bool, quiet: bool, **kwargs) -> None:
 @threads_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
-def fit_mixture_command(data, checkpoint, dest, n_faces, objective, rounds, k, epsilon,
-                        flip_average, json_path, threads, quiet):
+def fit_mixture_command(data, checkpoint, dest, n_faces, objective, rounds, psnr_tolerance, k,
+                        epsilon, flip_average, json_path, threads, quiet):
     """Fit how much the decoder and the conditioning net weigh in the model's logits (a
     decoder temperature and one conditioning weight per colour) on held-out faces, on the
-    states the decode itself meets, and keep the mixture that decodes best."""
+    states the decode itself meets, and keep the mixture that decodes best (or as well and
+    faster: --psnr-tolerance)."""
     import torch
 
     from bpd_sr.io.data import load_faces
     from bpd_sr.io.pretrained import load_pretrained, save_checkpoint
-    from bpd_sr.training.mixfit import fit_rounds, set_flip_average
+    from bpd_sr.training.mixfit import choose_round, fit_rounds, set_flip_average
 
     _writable_file(dest, "--out")
     if json_path:
@@ -263,13 +269,15 @@ def fit_mixture_command(data, checkpoint, dest, n_faces, objective, rounds, k, e
         except ValueError as e:  # the model has no conditioning net
             raise click.UsageError(f"--flip-average: {e}") from None
     faces = load_faces(data, progress=not quiet)[-n_faces:]
-    model, log = fit_rounds(model, faces, objective, rounds, k, epsilon, progress=not quiet)
+    model, log = fit_rounds(model, faces, objective, rounds, k, epsilon, progress=not quiet,
+                            psnr_tolerance=psnr_tolerance)
     save_checkpoint(dest, model, dtype=torch.bfloat16, extra={"about": {"mixture_fit": {
         "data": str(data), "n_faces": len(faces), "objective": objective, "k": k,
-        "epsilon": epsilon, "log": log}}})
+        "epsilon": epsilon, "psnr_tolerance": psnr_tolerance, "log": log}}})
     if json_path:
         _write_json(json_path, log)
-    best = max(log, key=lambda e: e["decode_psnr"])
+    best = choose_round(log, psnr_tolerance)
     click.echo(f"kept round {best['round']}: decoder temperature {best['temperature']}, "
-               f"cond_scale {best['cond_scale']}, decode PSNR {best['decode_psnr']} dB")
+               f"cond_scale {best['cond_scale']}, decode PSNR {best['decode_psnr']} dB, "
+               f"{best['decode_tokens_per_step']} tokens per step")
     click.echo(f"wrote {dest}")

@@ -151,41 +151,52 @@ def set_flip_average(model: ImageTransformer, on: bool) -> ImageTransformer:
 
 
 def decode_faces(model: ImageTransformer, hr: torch.Tensor, k: int, epsilon: int,
-                 batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+                 batch_size: int = 64, progress: bool = False) -> tuple[torch.Tensor, float]:
     """The package's blockwise decode (mean rule) of faces hr uint8 (N, 32, 32, 3) from their
-    8x8 versions -> uint8 (N, 32, 32, 3)."""
-    from bpd_sr.decoding.loop import blockwise_parallel_decode
+    8x8 versions -> (uint8 (N, 32, 32, 3), tokens per step over all of them)."""
+    from bpd_sr.decoding.loop import blockwise_parallel_decode, tokens_per_step
 
-    out = []
+    out, accepted = [], []
     for s in tqdm(range(0, len(hr), batch_size), desc=f"decode k={k} epsilon={epsilon}",
                   disable=not progress, dynamic_ncols=True):
         lr = downsample(hr[s : s + batch_size])
-        out.append(blockwise_parallel_decode(model, lr, k=k, epsilon=epsilon).images)
-    return torch.cat(out)
+        result = blockwise_parallel_decode(model, lr, k=k, epsilon=epsilon)
+        out.append(result.images)
+        accepted += result.accepted
+    return torch.cat(out), tokens_per_step(accepted)
+
+
+def choose_round(log: list[dict], psnr_tolerance: float = 0.0) -> dict:
+    """The entry of ``log`` to keep: of the decodes whose PSNR is within ``psnr_tolerance`` dB
+    of the best, the one that accepted the most tokens per step (so a mixture that decodes as
+    well but faster is not lost to a difference below what the faces can tell); the earliest
+    on a tie."""
+    top = max(e["decode_psnr"] for e in log)
+    close = [e for e in log if e["decode_psnr"] >= top - psnr_tolerance]
+    return max(close, key=lambda e: e.get("decode_tokens_per_step", 0.0))
 
 
 def fit_rounds(model: ImageTransformer, hr: torch.Tensor, objective: str = "mse",
                rounds: int = 2, k: int = 10, epsilon: int = 10, progress: bool = False,
-               ) -> tuple[ImageTransformer, list[dict]]:
+               psnr_tolerance: float = 0.0) -> tuple[ImageTransformer, list[dict]]:
     """Fit the mixture on the states the decode itself meets (``expert_logits`` with the
     decode's output as the prefix), ``rounds`` times: decode, fit, decode again. Keeps the
-    mixture whose decode had the best PSNR on these faces (the model's own included) and
-    returns the model with it, and one log entry per decode."""
+    mixture ``choose_round`` picks (the decode with the best PSNR on these faces, the model's
+    own included, or within ``psnr_tolerance`` dB of it the one with the most tokens per step)
+    and returns the model with it, and one log entry per decode."""
     from bpd_sr.evaluation.metrics import quality
 
     log: list[dict] = []
-    best = None
     temperature_total = 1.0
     for r in range(rounds + 1):
-        images = decode_faces(model, hr, k, epsilon, progress=progress)
+        images, tokens = decode_faces(model, hr, k, epsilon, progress=progress)
         q = quality(images.numpy(), hr.numpy())
         entry = {"round": r, "temperature": round(temperature_total, 4),
                  "cond_scale": list(model.cfg.cond_scales),
                  "decode_psnr": round(float(q["psnr"]), 4),
-                 "decode_ssim": round(float(q["ssim"]), 4)}
+                 "decode_ssim": round(float(q["ssim"]), 4),
+                 "decode_tokens_per_step": round(tokens, 3)}
         log.append(entry)
-        if best is None or entry["decode_psnr"] > best["decode_psnr"]:
-            best = entry
         if progress:
             tqdm.write(str(entry))
         if r == rounds:
@@ -197,10 +208,11 @@ def fit_rounds(model: ImageTransformer, hr: torch.Tensor, objective: str = "mse"
                            **evaluate_mixture(data, t, scales)}
         apply_mixture(model, t, scales)
         temperature_total *= t
-    # back to the best decode's mixture (the temperatures multiply)
+    # back to the chosen decode's mixture (the temperatures multiply)
+    best = choose_round(log, psnr_tolerance)
     apply_mixture(model, best["temperature"] / temperature_total, tuple(best["cond_scale"]))
     return model, log
 
 
-__all__ = ["decode_faces", "fit_rounds", "ExpertLogits", "OBJECTIVES", "apply_mixture",
+__all__ = ["choose_round", "decode_faces", "fit_rounds", "ExpertLogits", "OBJECTIVES", "apply_mixture",
            "evaluate_mixture", "expert_logits", "fit_mixture", "mixture_loss", "set_flip_average"]
