@@ -257,7 +257,8 @@ class CondFitConfig:
     # many pixels, flips; 1.0 / 0.0 keep the training crop as it is (flips stay)
     max_zoom: float = 1.5
     max_shift: float = 2.0
-    # the share of faces zoomed, shifted and rotated (the rest: flips only)
+    # the share of faces zoomed and shifted, and rotated unless rotated_share is set (the
+    # rest: flips only)
     reframed_share: float = 1.0
     max_rotation: float = 0.0  # degrees either way, at most MAX_ROTATION (0: off)
     # the share of faces rotated, drawn apart from the reframed share (None: the reframed faces)

@@ -173,7 +173,7 @@ def choose_round(log: list[dict], psnr_tolerance: float = 0.0) -> dict:
     on a tie."""
     top = max(e["decode_psnr"] for e in log)
     close = [e for e in log if e["decode_psnr"] >= top - psnr_tolerance]
-    return max(close, key=lambda e: e.get("decode_tokens_per_step", 0.0))
+    return max(close, key=lambda e: e["decode_tokens_per_step"])
 
 
 def fit_rounds(model: ImageTransformer, hr: torch.Tensor, objective: str = "mse",
@@ -214,5 +214,5 @@ def fit_rounds(model: ImageTransformer, hr: torch.Tensor, objective: str = "mse"
     return model, log
 
 
-__all__ = ["choose_round", "decode_faces", "fit_rounds", "ExpertLogits", "OBJECTIVES", "apply_mixture",
-           "evaluate_mixture", "expert_logits", "fit_mixture", "mixture_loss", "set_flip_average"]
+__all__ = ["choose_round", "decode_faces", "fit_rounds", "ExpertLogits", "OBJECTIVES",
+           "apply_mixture", "evaluate_mixture", "expert_logits", "fit_mixture", "mixture_loss", "set_flip_average"]
