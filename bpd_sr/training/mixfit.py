@@ -215,4 +215,5 @@ def fit_rounds(model: ImageTransformer, hr: torch.Tensor, objective: str = "mse"
 
 
 __all__ = ["choose_round", "decode_faces", "fit_rounds", "ExpertLogits", "OBJECTIVES",
-           "apply_mixture", "evaluate_mixture", "expert_logits", "fit_mixture", "mixture_loss", "set_flip_average"]
+           "apply_mixture", "evaluate_mixture", "expert_logits", "fit_mixture", "mixture_loss",
+           "set_flip_average"]
