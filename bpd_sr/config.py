@@ -241,6 +241,8 @@ class CondFitConfig:
     blocks: int = 6
     up_width: int = 0  # channels of the upsampling path; 0 = width
     keep_net: bool = False  # fine-tune init's own conditioning net instead of a new one
+    # with keep_net: residual blocks appended to the kept net, each starting as the identity
+    add_blocks: int = 0
     head: str = "gaussian"  # "gaussian": mu and sigma per colour; "logits": 256 free logits
     steps: int = 4000
     batch_size: int = 32

@@ -103,6 +103,7 @@ def test_fit_cond_changes_only_the_conditioning_net_and_resumes(tmp_path):
     (["--steps", "0"], "--steps"),
     (["--width", "0"], "--width"),
     (["--rotated-share", "0.5"], "needs --max-rotation"),
+    (["--add-blocks", "2"], "needs --keep-net"),
 ])
 def test_fit_cond_bad_settings_are_one_line_and_no_work(tmp_path, args, message):
     faces = tmp_path / "faces.npz"
@@ -284,3 +285,37 @@ def test_flip_average_is_the_mean_of_the_face_and_its_mirror_image(head):
     # and the averaged net is mirror-equivariant
     assert torch.allclose(net(mirror).view(2, 32, 32, 3, 256).flip(2).reshape(2, 3072, 256),
                           averaged, atol=1e-9)
+
+
+def test_added_blocks_start_as_the_identity_and_then_learn(tmp_path):
+    from bpd_sr.training.condfit import add_identity_blocks
+
+    torch.manual_seed(0)
+    base = ImageTransformer(ModelConfig.preset("tiny", k=2, cond_head="gaussian", cond_blocks=1))
+    with torch.no_grad():  # the head starts at zero, which would hide any change
+        base.cond.out.weight.normal_(0, 0.05)
+    lr = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    before = base.cond(lr)
+    add_identity_blocks(base, 2)
+    assert len(base.cond.res) == 3 and base.cfg.cond_blocks == 3
+    assert torch.equal(base.cond(lr), before)  # deeper, the same function
+    with torch.no_grad():  # and the new blocks do reach the output once they move
+        base.cond.res[2][3].bias.fill_(0.1)
+    assert not torch.allclose(base.cond(lr), before)
+    init = save_checkpoint(tmp_path / "init.pt", ImageTransformer(
+        ModelConfig.preset("tiny", k=2, cond_head="gaussian", cond_blocks=1)))
+    rng = np.random.default_rng(0)
+    faces = tmp_path / "faces.npz"
+    np.savez(faces, images=rng.integers(30, 220, (10, 32, 32, 3), dtype=np.uint8))
+    args = ["fit-cond", "--data", faces, "--init", init, "--keep-net", "--add-blocks", "2",
+            "--batch-size", "4", "--n-val", "2", "--eval-every", "2", "--steps", "2",
+            "--objective", "regression", "--lr", "1e-2", "--quiet", "--out", tmp_path / "r"]
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    model = load_pretrained(tmp_path / "r" / "cond.pt")  # loads at its new depth
+    assert model.cfg.cond_blocks == 3 and len(model.cond.res) == 3
+    assert model.cond.res[2][3].weight.abs().sum() > 0  # the new blocks trained
+    # resuming the finished run rebuilds the same deeper net from the init
+    res = CliRunner().invoke(main, ["fit-cond", "--data", str(faces), "--init", str(init),
+                                    "--out", str(tmp_path / "r"), "--resume", "--quiet"])
+    assert res.exit_code == 0, res.output

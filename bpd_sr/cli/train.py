@@ -190,6 +190,9 @@ def fit_heads_command(quiet: bool, threads: int | None, **kwargs) -> None:
                    "share, so zoomed-out faces stay upright too (default: the reframed faces).")
 @click.option("--keep-net", is_flag=True,
               help="Fine-tune --init's own conditioning net (its shape) instead of a new one.")
+@click.option("--add-blocks", type=click.IntRange(0, None), default=0, show_default=True,
+              help="With --keep-net: append this many residual blocks to the kept net, each "
+                   "starting as the identity (the deeper net begins where the kept one is).")
 @click.option("--warmup-steps", type=click.IntRange(0, None), default=100, show_default=True)
 @click.option("--n-val", type=click.IntRange(0, None), default=256, show_default=True,
               help="Training faces held out to report PSNR of the net alone; the net that did "

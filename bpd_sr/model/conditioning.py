@@ -10,6 +10,13 @@ from torch import nn
 from bpd_sr.config import CHANNELS, HR_SIZE, N_HR_TOKENS, N_INTENSITIES
 
 
+def residual_block(width: int) -> nn.Sequential:
+    """The residual branch of one block at 8x8 (the block is y + branch(y)): ReLU, 3x3
+    convolution, ReLU, 3x3 convolution, width channels throughout."""
+    return nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(width, width, 3, padding=1))
+
+
 class ConditioningNet(nn.Module):
     """Low-res image -> logits for every target intensity (Dahl et al. 2017).
 
@@ -34,11 +41,7 @@ class ConditioningNet(nn.Module):
         c = width
         u = up_width or width  # channels of the upsampling path (16x16 and 32x32)
         self.stem = nn.Conv2d(CHANNELS, c, 3, padding=1)
-        self.res = nn.ModuleList(
-            nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(c, c, 3, padding=1))
-            for _ in range(n_blocks)
-        )
+        self.res = nn.ModuleList(residual_block(c) for _ in range(n_blocks))
         self.up = nn.Sequential(
             nn.Conv2d(c, 4 * u, 3, padding=1), nn.PixelShuffle(2), nn.ReLU(),
             nn.Conv2d(u, 4 * u, 3, padding=1), nn.PixelShuffle(2), nn.ReLU(),

@@ -26,13 +26,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from bpd_sr.config import CondFitConfig
 from bpd_sr.decoding.rules import apply_rule, expected_intensity
 from bpd_sr.io.data import load_faces
 from bpd_sr.io.pretrained import load_checkpoint, save_checkpoint, warm_start
-from bpd_sr.model.conditioning import ConditioningNet
+from bpd_sr.model.conditioning import ConditioningNet, residual_block
 from bpd_sr.model.tokens import downsample, image_to_tokens, tokens_to_image
 from bpd_sr.training.augment import augment_faces
 from bpd_sr.training.schedule import step_progress, warmup_cosine
@@ -136,12 +137,17 @@ def _model_with_net(cfg: CondFitConfig, state: dict | None):
         raise CondFitError(f"unknown objective {cfg.objective!r}; choose ce or regression")
     if cfg.rotated_share is not None and cfg.max_rotation == 0:
         raise CondFitError("--rotated-share needs --max-rotation above 0")
+    if cfg.add_blocks < 0 or (cfg.add_blocks and not cfg.keep_net):
+        raise CondFitError("--add-blocks deepens a kept net: it needs --keep-net "
+                           "(a new net takes --blocks)")
     model, _ = warm_start(cfg.init)
     if cfg.keep_net:  # fine-tune the init's own net: its shape, not width / blocks / head
         if model.cond is None:
             raise CondFitError(f"{cfg.init} has no conditioning net to keep")
         cfg = replace(cfg, width=model.cfg.cond_channels, blocks=model.cfg.cond_blocks,
                       head=model.cfg.cond_head, up_width=model.cfg.cond_up_channels)
+        if cfg.add_blocks:
+            add_identity_blocks(model, cfg.add_blocks)
     else:
         model.cfg = replace(model.cfg, cond_channels=cfg.width, cond_blocks=cfg.blocks,
                             cond_head=cfg.head, cond_up_channels=cfg.up_width)
@@ -153,6 +159,23 @@ def _model_with_net(cfg: CondFitConfig, state: dict | None):
     if state is not None:
         model.load_state_dict(state["model"])
     return cfg, model
+
+
+def add_identity_blocks(model, n: int) -> None:
+    """Deepen the model's conditioning net by n residual blocks at 8x8, appended after its
+    own, and record the depth in ``model.cfg``. Each new block's last convolution starts at
+    zero, so the block adds nothing and the deeper net computes exactly what the kept one
+    did (the zero-initialised residual branch of Goyal et al. 2017); training then grows
+    it from there. The gradient reaches that last convolution at once (its input is the
+    block's first convolution's activation), and through it the rest of the block."""
+    net = model.cond
+    width = net.stem.out_channels
+    for _ in range(n):
+        block = residual_block(width)
+        nn.init.zeros_(block[3].weight)
+        nn.init.zeros_(block[3].bias)
+        net.res.append(block.to(net.stem.weight))
+    model.cfg = replace(model.cfg, cond_blocks=len(net.res))
 
 
 def _batch_loss(cfg: CondFitConfig, net: ConditioningNet, train: torch.Tensor,
@@ -241,5 +264,5 @@ def _finish(cfg: CondFitConfig, model, log: list) -> Path:
                   "base": load_checkpoint(cfg.init).get("about", {})}})
 
 
-__all__ = ["CondFitConfig", "CondFitError", "conditioning_images", "conditioning_loss",
-           "conditioning_psnr", "run"]
+__all__ = ["CondFitConfig", "CondFitError", "add_identity_blocks", "conditioning_images",
+           "conditioning_loss", "conditioning_psnr", "run"]
