@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 from bpd_sr.cli import main
@@ -20,6 +21,7 @@ from bpd_sr.training.mixfit import (
     choose_round,
     expert_logits,
     fit_mixture,
+    fit_output_layer,
 )
 from tests.conftest import random_lr, tiny_model
 
@@ -83,12 +85,18 @@ def test_the_fit_recovers_the_weights_that_made_the_targets(objective):
     assert np.allclose(fitted_s, true_s.numpy(), rtol=tol)
 
 
-def test_fit_mixture_writes_a_model_that_loads_with_its_mixture(tmp_path):
+def _fit_mixture_files(tmp_path, n_faces: int, seed: int):
+    """A tiny float32 model, its checkpoint and n_faces random faces in an npz; the paths of
+    the command's outputs."""
     model = tiny_model(k=3, dtype=torch.float32)
     ckpt = save_checkpoint(tmp_path / "m.pt", model)
-    faces = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    faces = np.random.default_rng(seed).integers(0, 256, (n_faces, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "faces.npz", images=faces)
-    out, log = tmp_path / "mixed.pt", tmp_path / "log.json"
+    return model, ckpt, tmp_path / "mixed.pt", tmp_path / "log.json"
+
+
+def test_fit_mixture_writes_a_model_that_loads_with_its_mixture(tmp_path):
+    model, ckpt, out, log = _fit_mixture_files(tmp_path, 6, seed=0)
     r = CliRunner().invoke(main, ["fit-mixture", "--data", str(tmp_path / "faces.npz"),
                                   "--checkpoint", str(ckpt), "--out", str(out), "--n-faces", "4",
                                   "--rounds", "1", "--k", "3", "--epsilon", "2", "--json",
@@ -119,3 +127,46 @@ def test_the_round_kept_is_the_fastest_decode_within_the_psnr_tolerance():
     assert choose_round(log, 1.0)["round"] == 0
     tie = [dict(e, decode_tokens_per_step=9.0) for e in log]
     assert choose_round(tie, 1.0)["round"] == 0  # the earliest on a tie
+
+
+def test_the_output_layer_refit_recovers_a_layer_and_keeps_the_best_on_held_out_faces():
+    g = torch.Generator().manual_seed(0)
+    n, t, d = 8, 3072, 6
+    features = torch.randn(n, t, d, generator=g)
+    cond = torch.randn(n, t, 256, generator=g)
+    true_w, true_b = torch.randn(256, d, generator=g), torch.randn(256, generator=g)
+    colour = torch.arange(t) % 3
+    scales = (1.0, 0.5, 2.0)
+    logits = F.linear(features, true_w, true_b) + torch.tensor(scales)[colour].unsqueeze(-1) * cond
+    # the intensity the true mixture's mean rule writes: a layer that fits it scores ~0.3
+    targets = (torch.softmax(logits, -1) @ torch.arange(256.0)).round().long()
+    data = ExpertLogits(F.linear(features, true_w, true_b), cond, targets, features)
+    start_w, start_b = torch.zeros(256, d), torch.zeros(256)
+    w, b, info = fit_output_layer(data, start_w, start_b, scales, steps=150, lr=0.05,
+                                  eval_every=10)
+    assert info["val_rmse_after"] < 0.9 * info["val_rmse_before"]
+    assert info["step_kept"] > 0 and not torch.equal(w, start_w)
+    # with no step that beats it on the held-out faces, the starting layer comes back as it is
+    w, b, info = fit_output_layer(data, true_w, true_b, scales, steps=0)
+    assert info["step_kept"] == 0 and torch.equal(w, true_w) and torch.equal(b, true_b)
+    with pytest.raises(ValueError, match="features"):
+        fit_output_layer(ExpertLogits(data.decoder, cond, data.targets), true_w, true_b, scales)
+
+
+def test_fit_mixture_with_the_output_layer_keeps_the_chosen_rounds_layer(tmp_path):
+    model, ckpt, out, log = _fit_mixture_files(tmp_path, 8, seed=1)
+    args = ["fit-mixture", "--data", str(tmp_path / "faces.npz"), "--checkpoint", str(ckpt),
+            "--out", str(out), "--rounds", "1", "--k", "3", "--epsilon", "2", "-q"]
+    r = CliRunner().invoke(main, args + ["--n-faces", "8", "--output-layer", "--json", str(log)])
+    assert r.exit_code == 0, r.output
+    rounds = json.loads(log.read_text())
+    fitted = rounds[0]["fitted"]["output_layer"]
+    assert fitted["val_rmse_after"] <= fitted["val_rmse_before"]
+    loaded = load_pretrained(out)
+    as_it_was = model.out_proj.weight.to(torch.bfloat16).float()  # saved in bf16
+    # round 0 kept: the checkpoint's own layer; round 1: the refitted one
+    kept_own = torch.equal(loaded.out_proj.weight, as_it_was)
+    assert kept_own == (choose_round(rounds)["round"] == 0)
+    assert load_checkpoint(out)["about"]["mixture_fit"]["output_layer"] is True
+    r = CliRunner().invoke(main, args + ["--n-faces", "1", "--output-layer"])
+    assert r.exit_code != 0 and "--n-faces 2" in r.output and "Traceback" not in r.output

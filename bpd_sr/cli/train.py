@@ -236,6 +236,10 @@ def fit_cond_command(resume: bool, quiet: bool, **kwargs) -> None:
               show_default=True,
               help="Of the decodes within this many dB of the best PSNR, keep the one that "
                    "accepted the most tokens per step (0: the best PSNR alone).")
+@click.option("--output-layer", is_flag=True,
+              help="Each round also refits the decoder's output layer (shared by every "
+                   "proposal slot) on the decode's states against the weighted conditioning "
+                   "logits, a quarter of the faces held out to keep the best layer.")
 @click.option("--k", type=click.IntRange(1, None), default=DEFAULT_K, show_default=True,
               help="Proposals of the decodes.")
 @click.option("--epsilon", type=click.IntRange(0, 255), default=DEFAULT_EPSILON,
@@ -248,8 +252,8 @@ def fit_cond_command(resume: bool, quiet: bool, **kwargs) -> None:
 @threads_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
-def fit_mixture_command(data, checkpoint, dest, n_faces, objective, rounds, psnr_tolerance, k,
-                        epsilon, flip_average, json_path, threads, quiet):
+def fit_mixture_command(data, checkpoint, dest, n_faces, objective, rounds, psnr_tolerance,
+                        output_layer, k, epsilon, flip_average, json_path, threads, quiet):
     """Fit how much the decoder and the conditioning net weigh in the model's logits (a
     decoder temperature and one conditioning weight per colour) on held-out faces, on the
     states the decode itself meets, and keep the mixture that decodes best (or as well and
@@ -263,6 +267,9 @@ def fit_mixture_command(data, checkpoint, dest, n_faces, objective, rounds, psnr
     _writable_file(dest, "--out")
     if json_path:
         _writable_file(json_path, "--json")
+    if output_layer and n_faces < 2:
+        raise click.UsageError("--output-layer holds out a quarter of the faces: give "
+                               "--n-faces 2 or more")
     model = load_pretrained(checkpoint, threads=threads)
     if k > model.cfg.k:
         raise click.UsageError(f"--k {k} is more than the model's {model.cfg.k} proposal slots")
@@ -273,10 +280,11 @@ def fit_mixture_command(data, checkpoint, dest, n_faces, objective, rounds, psnr
             raise click.UsageError(f"--flip-average: {e}") from None
     faces = load_faces(data, progress=not quiet)[-n_faces:]
     model, log = fit_rounds(model, faces, objective, rounds, k, epsilon, progress=not quiet,
-                            psnr_tolerance=psnr_tolerance)
+                            psnr_tolerance=psnr_tolerance, output_layer=output_layer)
     save_checkpoint(dest, model, dtype=torch.bfloat16, extra={"about": {"mixture_fit": {
         "data": str(data), "n_faces": len(faces), "objective": objective, "k": k,
-        "epsilon": epsilon, "psnr_tolerance": psnr_tolerance, "log": log}}})
+        "epsilon": epsilon, "psnr_tolerance": psnr_tolerance, "output_layer": output_layer,
+        "log": log}}})
     if json_path:
         _write_json(json_path, log)
     best = choose_round(log, psnr_tolerance)
