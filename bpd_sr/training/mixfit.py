@@ -283,8 +283,12 @@ def fit_rounds(model: ImageTransformer, hr: torch.Tensor, objective: str = "mse"
         apply_mixture(model, t, scales)
         temperature_total *= t
         if output_layer:
+            # Adam moves each weight by about lr a step: a few percent of the layer's typical
+            # weight, which the fitted temperature has made small (an absolute 1e-3 moved the
+            # shipped layer by 40% a step and found nothing)
+            lr = 0.03 * float(model.out_proj.weight.abs().mean())
             w, b, info = fit_output_layer(data, model.out_proj.weight, model.out_proj.bias,
-                                          scales)
+                                          scales, lr=lr)
             with torch.no_grad():
                 model.out_proj.weight.copy_(w)
                 model.out_proj.bias.copy_(b)
