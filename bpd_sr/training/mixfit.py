@@ -286,7 +286,7 @@ def fit_rounds(model: ImageTransformer, hr: torch.Tensor, objective: str = "mse"
             # Adam moves each weight by about lr a step: a few percent of the layer's typical
             # weight, which the fitted temperature has made small (an absolute 1e-3 moved the
             # shipped layer by 40% a step and found nothing)
-            lr = 0.03 * float(model.out_proj.weight.abs().mean())
+            lr = 0.03 * model.out_proj.weight.detach().abs().mean().item()
             w, b, info = fit_output_layer(data, model.out_proj.weight, model.out_proj.bias,
                                           scales, lr=lr)
             with torch.no_grad():
