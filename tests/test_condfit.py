@@ -186,6 +186,38 @@ def test_gaussian_parameters_are_the_ones_its_logits_are_made_of():
         ConditioningNet(8, 1, head="logits").gaussian_parameters(lr)
 
 
+def test_the_net_alone_is_reported_by_its_mu_as_well_as_its_expected_intensity():
+    """evaluate's "cond net (mu)" row: mu clipped and rounded, which the expected intensity
+    equals inside the range and not where the range cuts a tail."""
+    from bpd_sr.evaluation.metrics import quality, upscale_bicubic
+    from bpd_sr.evaluation.quality import baseline_rows
+    from bpd_sr.model.tokens import downsample
+    from bpd_sr.training.condfit import conditioning_images, conditioning_mu_images
+
+    torch.manual_seed(0)
+    model = ImageTransformer(ModelConfig.preset("tiny", cond_blocks=1,
+                                                cond_head="gaussian")).eval()
+    with torch.no_grad():
+        model.cond.out.weight.normal_(0, 0.05)
+    hr = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    hr[0] //= 32  # a dark face: mu within a sigma of black
+    lr = downsample(hr)
+    mu = model.cond.gaussian_parameters(lr)[0].detach()  # (3, 3, 32, 32)
+    got = conditioning_mu_images(model.cond, lr, batch_size=2)  # two batches
+    assert got.dtype == torch.uint8 and got.shape == (3, 32, 32, 3)
+    assert torch.equal(got, mu.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+    mean = conditioning_images(model.cond, lr)
+    edge = mu.permute(0, 2, 3, 1) < 4  # sigma is about 8 levels
+    assert edge.any() and (mean[edge] > got[edge]).all()  # the cut tail pulls the mean in
+    bicubic = quality(upscale_bicubic(lr.numpy()), hr.numpy())
+    rows = {r["method"]: r for r in baseline_rows(model, hr, 2, bicubic)}
+    assert rows["cond net (mu)"]["psnr"] == pytest.approx(float(quality(got.numpy(),
+                                                                         hr.numpy())["psnr"]))
+    logits = ImageTransformer(ModelConfig.preset("tiny", cond_head="logits")).eval()
+    names = [r["method"] for r in baseline_rows(logits, hr, 2, bicubic)]
+    assert "cond net (mean)" in names and "cond net (mu)" not in names  # mu: Gaussian only
+
+
 def test_regression_loss_fits_mu_by_squared_error_and_sigma_by_likelihood():
     from bpd_sr.training.condfit import regression_loss
 

@@ -66,7 +66,9 @@ def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, see
     4x4 area mean of each face. Metrics: scikit-image PSNR (data_range 255) and SSIM
     (Gaussian weights, sigma 1.5, no sample covariance) on uint8 RGB, no border shave.
     "cond net (mean)" is the model's conditioning network on its own (no decoder): the
-    expected intensity of its logits at every position, a regression baseline.
+    expected intensity of its logits at every position, a regression baseline; "cond net
+    (mu)", for a discretised-Gaussian net, is its mean mu itself, rounded: the value it is
+    trained to predict, which the range does not pull inwards near black and white.
     """
     from bpd_sr.evaluation.quality import format_rows, quality_rows
     from bpd_sr.io.data import load_faces

@@ -1,7 +1,8 @@
 """Quality of every method on a set of faces: the rows of ``bpd-sr evaluate``.
 
 Each face's input is its 4x4 area mean (``tokens.downsample``). Rows: bicubic, Lanczos, the
-conditioning net alone (the expected intensity of its logits: a regression baseline),
+conditioning net alone (the expected intensity of its logits: a regression baseline; for a
+discretised-Gaussian head also its mean mu, the value it is fitted to),
 sequential decoding and blockwise decoding for each (k, epsilon) and decoding rule, and
 sampling at the given temperatures. Metrics: ``bpd_sr.evaluation.metrics.quality``.
 """
@@ -85,10 +86,13 @@ def baseline_rows(model: ImageTransformer, hr: torch.Tensor, batch_size: int,
     rows = [{"method": "bicubic", **summary(bicubic, bicubic)},
             {"method": "lanczos", **summary(quality(upscale_lanczos(lr.numpy()), ref), bicubic)}]
     if model.cond is not None:
-        from bpd_sr.training.condfit import conditioning_images
+        from bpd_sr.training.condfit import conditioning_images, conditioning_mu_images
 
         cond = conditioning_images(model.cond, lr, batch_size).numpy()
         rows.append({"method": "cond net (mean)", **summary(quality(cond, ref), bicubic)})
+        if model.cond.head == "gaussian":  # the regression output itself, uncut by the range
+            cond = conditioning_mu_images(model.cond, lr, batch_size).numpy()
+            rows.append({"method": "cond net (mu)", **summary(quality(cond, ref), bicubic)})
     return rows
 
 

@@ -93,6 +93,20 @@ def conditioning_images(net: ConditioningNet, lr: torch.Tensor, batch_size: int 
     return torch.cat(images)
 
 
+@torch.no_grad()
+def conditioning_mu_images(net: ConditioningNet, lr: torch.Tensor, batch_size: int = 64
+                           ) -> torch.Tensor:
+    """The Gaussian head's mean mu itself, clipped to 0 .. 255 and rounded: the value the net
+    is fitted to by squared error (``regression_loss``). It differs from the expected
+    intensity of its logits where the range cuts a tail (near black and white), which pulls
+    that expectation inwards. lr uint8 (N, 8, 8, 3) -> uint8 (N, 32, 32, 3)."""
+    dev = next(net.parameters()).device
+    images = [net.gaussian_parameters(lr[s : s + batch_size].to(dev))[0]
+              for s in range(0, len(lr), batch_size)]
+    mu = torch.cat(images).cpu().clamp(0, 255).round().to(torch.uint8)
+    return mu.permute(0, 2, 3, 1).contiguous()
+
+
 def conditioning_psnr(net: ConditioningNet, hr: torch.Tensor, batch_size: int = 64) -> dict:
     """PSNR / bits per dimension of the net's expected-intensity image on faces hr uint8
     (N, 32, 32, 3)."""
@@ -265,4 +279,4 @@ def _finish(cfg: CondFitConfig, model, log: list) -> Path:
 
 
 __all__ = ["CondFitConfig", "CondFitError", "add_identity_blocks", "conditioning_images",
-           "conditioning_loss", "conditioning_psnr", "run"]
+           "conditioning_loss", "conditioning_mu_images", "conditioning_psnr", "run"]

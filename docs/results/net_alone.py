@@ -1,6 +1,8 @@
 """The conditioning net of each checkpoint on its own, averaged over each face and its mirror
 image as the shipped weights use it, on the first 256 faces of a standard and a looser test
-set: PSNR / SSIM, the faces below bicubic and the two faces furthest below or nearest to it.
+set, read out as evaluate's rows do (the expected intensity, "(mean)", and for a Gaussian head
+its mean mu, "(mu)"): PSNR / SSIM, the faces below bicubic and the two faces furthest below or
+nearest to it.
 A cheap check of a fine-tuned net before its mixture is fitted and the decode evaluated
 (seconds instead of an hour).
 
@@ -26,10 +28,11 @@ for path in sys.argv[3:]:
     out = []
     for name, hr in faces.items():
         bicubic = quality(upscale_bicubic(downsample(hr).numpy()), hr.numpy())
-        row = next(r for r in baseline_rows(model, hr, 64, bicubic)
-                   if r["method"] == "cond net (mean)")
-        gain = np.array(row["psnr_per_image"]) - np.array(bicubic["psnr_per_image"])
-        worst = [(int(i), round(float(gain[i]), 2)) for i in np.argsort(gain)[:2]]
-        out.append(f"{name} {row['psnr']:.3f} / {row['ssim']:.4f}, "
-                   f"{int((gain < 0).sum())} below bicubic, worst (face, dB) {worst}")
+        for row in baseline_rows(model, hr, 64, bicubic):
+            if not row["method"].startswith("cond net"):
+                continue
+            gain = np.array(row["psnr_per_image"]) - np.array(bicubic["psnr_per_image"])
+            worst = [(int(i), round(float(gain[i]), 2)) for i in np.argsort(gain)[:2]]
+            out.append(f"{name} {row['method'][9:]} {row['psnr']:.3f} / {row['ssim']:.4f}, "
+                       f"{int((gain < 0).sum())} below bicubic, worst (face, dB) {worst}")
     print(path, " | ".join(out), flush=True)
