@@ -93,6 +93,11 @@ def conditioning_images(net: ConditioningNet, lr: torch.Tensor, batch_size: int 
     return torch.cat(images)
 
 
+def mu_to_image(mu: torch.Tensor) -> torch.Tensor:
+    """mu (N, 3, 32, 32) in levels -> uint8 (N, 32, 32, 3), clipped to 0 .. 255 and rounded."""
+    return mu.cpu().clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 @torch.no_grad()
 def conditioning_mu_images(net: ConditioningNet, lr: torch.Tensor, batch_size: int = 64
                            ) -> torch.Tensor:
@@ -101,10 +106,8 @@ def conditioning_mu_images(net: ConditioningNet, lr: torch.Tensor, batch_size: i
     intensity of its logits where the range cuts a tail (near black and white), which pulls
     that expectation inwards. lr uint8 (N, 8, 8, 3) -> uint8 (N, 32, 32, 3)."""
     dev = next(net.parameters()).device
-    images = [net.gaussian_parameters(lr[s : s + batch_size].to(dev))[0]
-              for s in range(0, len(lr), batch_size)]
-    mu = torch.cat(images).cpu().clamp(0, 255).round().to(torch.uint8)
-    return mu.permute(0, 2, 3, 1).contiguous()
+    return mu_to_image(torch.cat([net.gaussian_parameters(lr[s : s + batch_size].to(dev))[0]
+                                  for s in range(0, len(lr), batch_size)]))
 
 
 def conditioning_psnr(net: ConditioningNet, hr: torch.Tensor, batch_size: int = 64) -> dict:
@@ -279,4 +282,5 @@ def _finish(cfg: CondFitConfig, model, log: list) -> Path:
 
 
 __all__ = ["CondFitConfig", "CondFitError", "add_identity_blocks", "conditioning_images",
-           "conditioning_loss", "conditioning_mu_images", "conditioning_psnr", "run"]
+           "conditioning_loss", "conditioning_mu_images", "conditioning_psnr", "mu_to_image",
+           "run"]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from bpd_sr.evaluation.metrics import quality
 from bpd_sr.io.pretrained import load_checkpoint, warm_start
 from bpd_sr.model.tokens import downsample
+from bpd_sr.training.condfit import mu_to_image
 
 torch.set_num_threads(1)
 paths = sys.argv[3:]
@@ -51,8 +52,7 @@ def shifted(lr, dy, dx):
 
 
 def psnr(mu, hr):
-    img = mu.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return quality(img, hr.numpy())["psnr"]
+    return quality(mu_to_image(mu).numpy(), hr.numpy())["psnr"]
 
 
 nets = {p: net_of(path=p) for p in paths}
