@@ -228,6 +228,8 @@ class HeadFitConfig:
 # the largest rotation of the framing augmentation (bpd_sr.training.augment), in degrees:
 # rotated corners of a cut zoomed up to 1.5 and shifted up to 8 pixels stay in its border
 MAX_ROTATION = 15.0
+# fit-cond's recolouring generator is seeded seed + this (CondFitConfig.color_share)
+COLOR_SEED_OFFSET = 1_000_003
 
 
 @dataclass
@@ -265,6 +267,9 @@ class CondFitConfig:
     max_rotation: float = 0.0  # degrees either way, at most MAX_ROTATION (0: off)
     # the share of faces rotated, drawn apart from the reframed share (None: the reframed faces)
     rotated_share: float | None = None
+    # the share of faces recoloured (brightness, contrast, saturation, hue), from a generator
+    # of its own (seeded seed + COLOR_SEED_OFFSET) so that the other draws stay the same
+    color_share: float = 0.0
     n_val: int = 256  # held out from the training data to report PSNR; the best is kept
     eval_every: int = 500
     ckpt_minutes: float = 3.0

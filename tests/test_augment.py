@@ -87,3 +87,37 @@ def test_a_rotated_share_of_its_own_turns_faces_that_keep_the_training_crop():
     assert half[:, 14:18, 14:18].float().mean() > 0.95 * 255
     with pytest.raises(ValueError, match="rotated_share"):
         augment_faces(hr, torch.Generator(), rotated_share=1.5, max_rotation=5.0)
+
+
+def test_recolouring_changes_colours_not_the_framing_draws():
+    hr = _faces(64)
+    kw = dict(max_zoom=1.5, max_shift=2.0, reframed_share=0.5, max_rotation=10.0)
+    plain = augment_faces(hr, torch.Generator().manual_seed(4), **kw)
+    off = augment_faces(hr, torch.Generator().manual_seed(4), color_share=0.0,
+                        color_generator=torch.Generator().manual_seed(9), **kw)
+    assert torch.equal(off, plain)  # share 0: nothing drawn, the framing untouched
+    all_ = augment_faces(hr, torch.Generator().manual_seed(4), color_share=1.0,
+                         color_generator=torch.Generator().manual_seed(9), **kw)
+    again = augment_faces(hr, torch.Generator().manual_seed(4), color_share=1.0,
+                          color_generator=torch.Generator().manual_seed(9), **kw)
+    assert torch.equal(all_, again) and all_.dtype == torch.uint8
+    changed = (all_ != plain).flatten(1).any(1)
+    assert changed.float().mean() > 0.9  # every face recoloured (a few may barely move)
+    # recolouring keeps the picture: each face stays correlated with its unrecoloured self
+    a, b = all_.float().flatten(1), plain.float().flatten(1)
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    assert corr.min() > 0.5
+    half = augment_faces(hr, torch.Generator().manual_seed(4), color_share=0.5,
+                         color_generator=torch.Generator().manual_seed(9), **kw)
+    share = (half != plain).flatten(1).any(1).float().mean().item()
+    assert 0.3 < share < 0.7
+
+
+def test_recolouring_needs_its_generator_and_a_share_in_range():
+    hr = _faces(2)
+    with pytest.raises(ValueError, match="color_generator"):
+        augment_faces(hr, torch.Generator(), color_share=0.5)
+    with pytest.raises(ValueError, match="color_share"):
+        augment_faces(hr, torch.Generator(), color_share=1.5,
+                      color_generator=torch.Generator())

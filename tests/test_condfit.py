@@ -275,7 +275,8 @@ def test_fit_cond_can_fine_tune_the_init_net_itself(tmp_path):
     args = ["fit-cond", "--data", faces, "--init", init, "--keep-net", "--width", "99",
             "--batch-size", "4", "--n-val", "2", "--eval-every", "2", "--steps", "2",
             "--objective", "regression", "--reframed-share", "0.5", "--max-rotation", "10",
-            "--rotated-share", "0.25", "--quiet", "--out", tmp_path / "r"]
+            "--rotated-share", "0.25", "--color-share", "0.5", "--weight-decay", "0.01",
+            "--quiet", "--out", tmp_path / "r"]
     res = CliRunner().invoke(main, [str(a) for a in args])
     assert res.exit_code == 0, res.output
     model = load_pretrained(tmp_path / "r" / "cond.pt")
@@ -283,6 +284,10 @@ def test_fit_cond_can_fine_tune_the_init_net_itself(tmp_path):
     about = load_checkpoint(tmp_path / "r" / "cond.pt")["about"]["cond_fit_config"]
     assert about["max_rotation"] == 10.0 and about["reframed_share"] == 0.5
     assert about["rotated_share"] == 0.25
+    assert about["color_share"] == 0.5 and about["weight_decay"] == 0.01
+    # the recolouring draws resume where they stopped, like the framing draws
+    last = load_checkpoint(tmp_path / "r" / "last.pt")
+    assert last["color_rng"].shape == last["rng"].shape
     before = base.cond.stem.weight
     assert model.cond.stem.weight.shape == before.shape
     # two small steps from the init's weights: close to them, yet moved

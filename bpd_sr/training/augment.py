@@ -13,7 +13,12 @@ with its own random parameters:
   a net trained on upright crops does worst on); either the reframed faces are rotated, or a
   share of its own (``rotated_share``), drawn independently, so that zoomed-out faces stay
   upright too;
-- flipped horizontally with probability 1/2.
+- flipped horizontally with probability 1/2;
+- recoloured (``color_share`` of the faces, drawn from a generator of its own so that the
+  framing draws stay those of runs made without it): brightness and contrast scaled by up to
+  ``color_strength``, saturation by up to twice that, hue turned by up to a quarter of it
+  (of a full turn). It keeps the aligned geometry the test faces share and shows the net
+  colourings the training faces lack, against learning single faces by heart.
 
 It works on uint8 (B, 32, 32, 3) tensors on any device (a GPU too); zoom 1, shift 0 and no
 flip give the face back unchanged.
@@ -31,7 +36,9 @@ from bpd_sr.config import HR_SIZE, MAX_ROTATION
 def augment_faces(hr: torch.Tensor, generator: torch.Generator, max_zoom: float = 1.5,
                   max_shift: float = 2.0, flip: bool = True, reframed_share: float = 1.0,
                   max_rotation: float = 0.0,
-                  rotated_share: float | None = None) -> torch.Tensor:
+                  rotated_share: float | None = None, color_share: float = 0.0,
+                  color_generator: torch.Generator | None = None,
+                  color_strength: float = 0.2) -> torch.Tensor:
     """uint8 (B, 32, 32, 3) -> uint8 (B, 32, 32, 3), each face framed anew (module
     docstring); only a random ``reframed_share`` of them is zoomed, shifted and rotated, the
     rest keep the training crop (a net that sees only zoomed faces does worse on the training
@@ -41,11 +48,16 @@ def augment_faces(hr: torch.Tensor, generator: torch.Generator, max_zoom: float 
     from its seed; with ``max_rotation`` 0 no angle is drawn, so the draws of runs made
     before rotations existed stay the same. ``max_rotation`` is at most ``MAX_ROTATION``
     degrees: the rotated corners of a cut zoomed up to 1.5 and shifted up to 8 pixels then
-    stay inside the mirrored border."""
+    stay inside the mirrored border. ``color_share`` > 0 needs ``color_generator`` (module
+    docstring)."""
     if not 0.0 <= max_rotation <= MAX_ROTATION:
         raise ValueError(f"max_rotation must be in [0, {MAX_ROTATION}] degrees")
     if rotated_share is not None and not 0.0 <= rotated_share <= 1.0:
         raise ValueError("rotated_share must be in [0, 1]")
+    if not 0.0 <= color_share <= 1.0:
+        raise ValueError("color_share must be in [0, 1]")
+    if color_share > 0 and color_generator is None:
+        raise ValueError("color_share needs a color_generator")
     b = hr.shape[0]
     pad = HR_SIZE
     zoom = 1 + (max_zoom - 1) * torch.rand(b, generator=generator)
@@ -82,6 +94,30 @@ def augment_faces(hr: torch.Tensor, generator: torch.Generator, max_zoom: float 
         if do_flip[i]:
             face = TF.horizontal_flip(face)
         out.append(face)
-    y = torch.stack(out).round().clamp(0, 255).to(torch.uint8)
+    y = torch.stack(out)
+    if color_share > 0:
+        y = _recolour(y, color_share, color_generator, color_strength)
+    y = y.round().clamp(0, 255).to(torch.uint8)
     return y.permute(0, 2, 3, 1).contiguous()
+
+
+def _recolour(x: torch.Tensor, share: float, g: torch.Generator, strength: float
+              ) -> torch.Tensor:
+    """float (B, 3, 32, 32) in 0 .. 255 -> the same, a random share of the faces recoloured
+    (``augment_faces``); the draws are made for every face, so a face's colouring does not
+    depend on which other faces were drawn."""
+    b = x.shape[0]
+    chosen = torch.rand(b, generator=g) < share
+    u = torch.rand(b, 4, generator=g) * 2 - 1  # brightness, contrast, saturation, hue
+    out = []
+    for i in range(b):
+        face = x[i]
+        if chosen[i]:
+            face = (face / 255.0).clamp(0, 1)  # torchvision's float range
+            face = TF.adjust_brightness(face, 1 + strength * float(u[i, 0]))
+            face = TF.adjust_contrast(face, 1 + strength * float(u[i, 1]))
+            face = TF.adjust_saturation(face, 1 + 2 * strength * float(u[i, 2]))
+            face = TF.adjust_hue(face, 0.25 * strength * float(u[i, 3])) * 255.0
+        out.append(face)
+    return torch.stack(out)
 

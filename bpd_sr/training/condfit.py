@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from bpd_sr.config import CondFitConfig
+from bpd_sr.config import COLOR_SEED_OFFSET, CondFitConfig
 from bpd_sr.decoding.rules import apply_rule, expected_intensity
 from bpd_sr.io.data import load_faces
 from bpd_sr.io.pretrained import load_checkpoint, save_checkpoint, warm_start
@@ -196,12 +196,13 @@ def add_identity_blocks(model, n: int) -> None:
 
 
 def _batch_loss(cfg: CondFitConfig, net: ConditioningNet, train: torch.Tensor,
-                g: torch.Generator):
+                g: torch.Generator, color_g: torch.Generator):
     """(loss, stats) of one augmented batch of training faces."""
     idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
     hr = augment_faces(train[idx], g, cfg.max_zoom, cfg.max_shift,
                        reframed_share=cfg.reframed_share, max_rotation=cfg.max_rotation,
-                       rotated_share=cfg.rotated_share)
+                       rotated_share=cfg.rotated_share, color_share=cfg.color_share,
+                       color_generator=color_g)
     if cfg.objective == "regression":
         return regression_loss(*net.gaussian_parameters(downsample(hr), detach_scale=True), hr)
     return conditioning_loss(net(downsample(hr)), image_to_tokens(hr), cfg.value_loss_weight)
@@ -217,10 +218,13 @@ def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, log = 0, []
     g = torch.Generator().manual_seed(cfg.seed)
+    color_g = torch.Generator().manual_seed(cfg.seed + COLOR_SEED_OFFSET)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         step, log = state["step"], state["log"]
         g.set_state(state["rng"])
+        if "color_rng" in state:  # runs saved before recolouring existed drew no colours
+            color_g.set_state(state["color_rng"])
     faces = load_faces(cfg.data, progress=progress)
     if len(faces) <= cfg.n_val:
         raise CondFitError(f"{cfg.data}: {len(faces)} faces, not more than --n-val {cfg.n_val}")
@@ -233,7 +237,7 @@ def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path
         for group in opt.param_groups:
             group["lr"] = cfg.lr * warmup_cosine(
                 step, cfg.warmup_steps, step_progress(step, cfg.warmup_steps, cfg.steps), 0.02)
-        loss, stats = _batch_loss(cfg, net, train, g)
+        loss, stats = _batch_loss(cfg, net, train, g, color_g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -246,7 +250,7 @@ def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path
         if time.perf_counter() - t_ckpt > cfg.ckpt_minutes * 60 or step == cfg.steps:
             save_checkpoint(out / "last.pt", model, extra={
                 "cond_fit_config": cfg.to_dict(), "optimizer": opt.state_dict(), "step": step,
-                "log": log, "rng": g.get_state()})
+                "log": log, "rng": g.get_state(), "color_rng": color_g.get_state()})
             t_ckpt = time.perf_counter()
     bar.close()
     return _finish(cfg, model, log)
