@@ -2,6 +2,7 @@
 blockwise parallel decoding (Stern, Shazeer and Uszkoreit, NeurIPS 2018, arXiv 1811.03115)."""
 
 from bpd_sr.config import DEFAULT_EPSILON, DEFAULT_K, ModelConfig, TrainConfig
+from bpd_sr.decoding.consistency import back_project
 from bpd_sr.decoding.loop import (
     DecodeResult,
     blockwise_parallel_decode,
@@ -24,6 +25,7 @@ __all__ = [
     "RULES",
     "TrainConfig",
     "apply_rule",
+    "back_project",
     "blockwise_parallel_decode",
     "greedy_decode",
     "load_pretrained",

@@ -9,7 +9,7 @@ atomically). Output names are decided beforehand for the whole batch (``bpd_sr.i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import torch
 
 from bpd_sr.config import DEFAULT_EPSILON, DEFAULT_K, DEFAULT_RULE
 from bpd_sr.decoding.autok import auto_decode
+from bpd_sr.decoding.consistency import back_project
 from bpd_sr.decoding.loop import (
     DecodeResult,
     blockwise_parallel_decode,
@@ -43,6 +44,7 @@ class DecodeSettings:
     temperature: float = 0.0
     seed: int = 0
     rule: str = DEFAULT_RULE
+    back_projection: bool = True  # bpd_sr.decoding.consistency, after decoding
 
     @property
     def method(self) -> str:
@@ -54,14 +56,26 @@ class DecodeSettings:
         else:
             way = f"blockwise k={self.k} epsilon={self.epsilon}"
         if self.temperature > 0:
-            return f"{way}, sampling T={self.temperature} seed={self.seed}"
-        return f"{way}, rule {self.rule}"
+            way = f"{way}, sampling T={self.temperature} seed={self.seed}"
+        else:
+            way = f"{way}, rule {self.rule}"
+        return f"{way}, back-projected" if self.back_projection else way
 
 
 def decode(model: ImageTransformer | DecodingSession, lr: torch.Tensor,
            settings: DecodeSettings, sample: int = 0) -> DecodeResult:
-    """lr: uint8 (1, 8, 8, 3) -> the decode ``settings`` ask for; ``sample`` picks the
-    seed of one of several samples (seed * 1000 + sample)."""
+    """lr: uint8 (1, 8, 8, 3) -> the decode ``settings`` ask for, back-projected onto lr
+    when they say so; ``sample`` picks the seed of one of several samples (seed * 1000 +
+    sample)."""
+    res = _decode(model, lr, settings, sample)
+    if settings.back_projection:
+        res = replace(res, images=back_project(res.images, lr))
+    return res
+
+
+def _decode(model: ImageTransformer | DecodingSession, lr: torch.Tensor,
+            settings: DecodeSettings, sample: int) -> DecodeResult:
+    """``decode`` before back-projection."""
     if settings.temperature > 0:
         generator = torch.Generator().manual_seed(settings.seed * 1000 + sample)
         if settings.sequential:

@@ -365,12 +365,13 @@ def test_default_weights_upscale_the_example_face(tmp_path):
     lr, ref = to_model_input(img)[0], reference_32(img)
     assert psnr(out, ref) > psnr(upscale_bicubic(lr), ref) - 1.0
     back = out.reshape(8, 4, 8, 4, 3).astype(float).mean(axis=(1, 3))
-    assert np.abs(back - lr).mean() < 10  # noise or a flat image: about 47
+    assert np.abs(back - lr).mean() < 1  # back-projected (noise or a flat image: about 47)
 
 
 def test_upscale_rule_reaches_the_decode(tmp_path, tiny_ckpt):
-    """Each --rule writes exactly the library's decode under that rule, at the defaults."""
-    from bpd_sr import blockwise_parallel_decode
+    """Each --rule writes exactly the library's decode under that rule, at the defaults,
+    back-projected onto its input; --no-back-projection writes the decode itself."""
+    from bpd_sr import back_project, blockwise_parallel_decode
 
     src = face(tmp_path / "f.png")
     model, lr = model_and_input(tiny_ckpt, src)
@@ -379,10 +380,15 @@ def test_upscale_rule_reaches_the_decode(tmp_path, tiny_ckpt):
         res = run("upscale", src, "-o", tmp_path / rule, "--rule", rule, "--checkpoint", tiny_ckpt)
         assert res.exit_code == 0, res.output
         outs[rule] = np.asarray(Image.open(tmp_path / rule / "f_x4.png"))
-        expect = blockwise_parallel_decode(model, lr, k=min(DEFAULT_K, model.cfg.k),
-                                           epsilon=DEFAULT_EPSILON, rule=rule).images[0].numpy()
-        assert np.array_equal(outs[rule], expect), rule
+        decoded = blockwise_parallel_decode(model, lr, k=min(DEFAULT_K, model.cfg.k),
+                                            epsilon=DEFAULT_EPSILON, rule=rule).images
+        assert np.array_equal(outs[rule], back_project(decoded, lr)[0].numpy()), rule
     assert not np.array_equal(outs["argmax"], outs["mean"])
+    res = run("upscale", src, "-o", tmp_path / "raw", "--no-back-projection", "--checkpoint",
+              tiny_ckpt)
+    assert res.exit_code == 0 and "back-projected" not in res.output, res.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "raw" / "f_x4.png")),
+                          decoded[0].numpy())  # the mean rule's decode, as made
     res = run("upscale", src, "--rule", "mode", "--checkpoint", tiny_ckpt)
     assert res.exit_code == 2 and "mode" in res.output
 
@@ -496,8 +502,8 @@ def test_export_makes_a_small_loadable_copy(tmp_path, tiny_ckpt, dtype, write_wa
 def test_upscale_samples_at_a_temperature(tmp_path, tiny_ckpt):
     """--samples N writes N exact samples, sample i seeded by (--seed, i): exactly the
     library's sampler with those generators (so the same on every run, other for another
-    seed)."""
-    from bpd_sr import blockwise_parallel_decode
+    seed), back-projected like every output."""
+    from bpd_sr import back_project, blockwise_parallel_decode
 
     src = face(tmp_path / "a.png")
     model, lr = model_and_input(tiny_ckpt, src)
@@ -509,7 +515,7 @@ def test_upscale_samples_at_a_temperature(tmp_path, tiny_ckpt):
         generator = torch.Generator().manual_seed(3 * 1000 + i)
         expect = blockwise_parallel_decode(model, lr, k=min(DEFAULT_K, model.cfg.k),
                                            temperature=0.9, generator=generator)
-        assert np.array_equal(got, expect.images[0].numpy()), i
+        assert np.array_equal(got, back_project(expect.images, lr)[0].numpy()), i
     assert not np.array_equal(*samples)  # two different samples
     strip = Image.open(tmp_path / "o" / "a_x4_compare.png")
     assert strip.size[0] > 3 * strip.size[1]  # input | bicubic | sample 0 | sample 1

@@ -54,11 +54,15 @@ from bpd_sr.decoding.rules import RULES
 @click.option("--loose", type=click.Path(), default=None,
               help="A second set of faces framed looser than the training crop (e.g. made "
                    "by docs/framing/loose_test_set.py): every row is measured on it too.")
+@click.option("--back-projection/--no-back-projection", default=True, show_default=True,
+              help="Measure the model's rows (the net alone too) as bpd-sr upscale writes "
+                   "them: each 4x4 block moved to the mean of its input pixel. --no-back-"
+                   "projection: the decodes as the model made them.")
 @threads_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
 def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, seed, batch_size,
-                     checkpoint, device, json_path, loose, threads, quiet):
+                     checkpoint, device, json_path, loose, back_projection, threads, quiet):
     """PSNR / SSIM against the ground truth of bicubic, Lanczos, the conditioning net alone,
     sequential and blockwise decoding, for each decoding rule.
 
@@ -69,6 +73,8 @@ def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, see
     expected intensity of its logits at every position, a regression baseline; "cond net
     (mu)", for a discretised-Gaussian net, is its mean mu itself, rounded: the value it is
     trained to predict, which the range does not pull inwards near black and white.
+    The model's rows, the net's included, are measured as bpd-sr upscale writes its
+    output: back-projected onto the input (--no-back-projection: as decoded).
     """
     from bpd_sr.evaluation.quality import format_rows, quality_rows
     from bpd_sr.io.data import load_faces
@@ -85,7 +91,7 @@ def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, see
     results = []
     for path, hr in sets:
         rows = quality_rows(model, hr, ks, epsilons, rule_list, refine, temperatures, seed,
-                            batch_size, progress=not quiet)
+                            batch_size, progress=not quiet, back_projection=back_projection)
         click.echo(f"{len(hr)} faces from {path}")
         click.echo(format_rows(rows))
         results.append({"data": path, "n_images": len(hr), "rows": rows})
@@ -93,6 +99,7 @@ def evaluate_command(data, ks, epsilons, rules, refine, limit, temperatures, see
         first = results[0]
         _write_json(json_path, {**first, "rules": rule_list,
                                 "checkpoint": checkpoint or "shipped default",
+                                "back_projection": back_projection,
                                 "looser_framing": results[1] if loose else None})
 
 

@@ -127,12 +127,17 @@ def _first_input(plans, crop: str):
               help="With --temperature: this many different samples of each input [default: 1].")
 @click.option("--seed", type=click.IntRange(0, 10**12), default=0, show_default=True,
               help="Seed of the sampler: the same seed gives the same samples.")
+@click.option("--back-projection/--no-back-projection", default=True, show_default=True,
+              help="After decoding, move each 4x4 block of the output by one constant so that "
+                   "its mean is its input pixel: the output then agrees with the input, and "
+                   "comes nearer the true face whatever was decoded. --no-back-projection: "
+                   "the decode as the model made it.")
 @threads_option
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @one_line_errors
 def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, epsilon, sequential,
                     rule, checkpoint, device, compare, heatmap, preview_scale, temperature,
-                    samples, seed, threads, quiet) -> None:
+                    samples, seed, back_projection, threads, quiet) -> None:
     """Upscale face images to 32x32 (4x from 8x8).
 
     PATHS are image files or folders. An input that is not 8x8 is framed (see --crop:
@@ -160,7 +165,7 @@ def upscale_command(paths, out_dir, recursive, suffix, crop, k, compile_step, ep
     k = min(DEFAULT_K, session.model.cfg.k) if k is None else k
     if k == "auto" and not sequential:
         k = _choose_k(session, _first_input(plans, crop), epsilon, rule, temperature, quiet)
-    settings = DecodeSettings(sequential, k, epsilon, temperature, seed, rule)
+    settings = DecodeSettings(sequential, k, epsilon, temperature, seed, rule, back_projection)
     if compile_step:
         _compile(session, 1 if sequential else k, quiet)
     # 3. each input: read, decode, write

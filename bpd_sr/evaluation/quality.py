@@ -5,6 +5,13 @@ conditioning net alone (the expected intensity of its logits: a regression basel
 discretised-Gaussian head also its mean mu, the value it is fitted to),
 sequential decoding and blockwise decoding for each (k, epsilon) and decoding rule, and
 sampling at the given temperatures. Metrics: ``bpd_sr.evaluation.metrics.quality``.
+
+With ``back_projection`` (the package's default output, as ``bpd-sr upscale`` writes it)
+every row of the model, the net alone included, is measured after
+``bpd_sr.decoding.consistency.back_project`` (and its images as the model made them, under
+"as_decoded"); bicubic and Lanczos stay as they are, the references every row is compared
+with. Whether a blockwise decode is identical to sequential decoding is judged on the images
+as decoded: it measures the algorithm.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from bpd_sr.config import DEFAULT_RULE
+from bpd_sr.decoding.consistency import back_project
 from bpd_sr.decoding.loop import blockwise_parallel_decode, sample_decode, tokens_per_step
 from bpd_sr.evaluation.metrics import quality, upscale_bicubic, upscale_lanczos
 from bpd_sr.model.tokens import downsample
@@ -30,6 +38,18 @@ def summary(q: dict, bicubic: dict) -> dict:
             "psnr_min": float(per.min()), "psnr_median": float(np.median(per)),
             "share_below_bicubic": float((per < bicubic["psnr_per_image"]).mean()),
             "psnr_per_image": [round(float(x), 3) for x in per]}
+
+
+def output_summary(images: torch.Tensor, lr: torch.Tensor, ref: np.ndarray, bicubic: dict,
+                   back_projection: bool) -> dict:
+    """``summary`` of the model's images uint8 (N, 32, 32, 3) of inputs lr as the package
+    outputs them: back-projected, with PSNR / SSIM as decoded beside (module docstring), or
+    as decoded."""
+    if not back_projection:
+        return summary(quality(images.numpy(), ref), bicubic)
+    made = quality(images.numpy(), ref)
+    return {**summary(quality(back_project(images, lr).numpy(), ref), bicubic),
+            "as_decoded": {"psnr": float(made["psnr"]), "ssim": float(made["ssim"])}}
 
 
 @dataclass(frozen=True)
@@ -79,31 +99,35 @@ def decode_all(model: ImageTransformer, lr: torch.Tensor, m: Method, refine: int
 
 
 def baseline_rows(model: ImageTransformer, hr: torch.Tensor, batch_size: int,
-                  bicubic: dict) -> list[dict]:
+                  bicubic: dict, back_projection: bool = True) -> list[dict]:
     """Bicubic, Lanczos and the conditioning net alone on faces hr uint8 (N, 32, 32, 3);
-    bicubic: ``quality`` of bicubic upscaling on them (every row is compared with it)."""
+    bicubic: ``quality`` of bicubic upscaling on them (every row is compared with it);
+    back_projection: the net's rows back-projected (module docstring)."""
     lr, ref = downsample(hr), hr.numpy()
     rows = [{"method": "bicubic", **summary(bicubic, bicubic)},
             {"method": "lanczos", **summary(quality(upscale_lanczos(lr.numpy()), ref), bicubic)}]
     if model.cond is not None:
         from bpd_sr.training.condfit import conditioning_images, conditioning_mu_images
 
-        cond = conditioning_images(model.cond, lr, batch_size).numpy()
-        rows.append({"method": "cond net (mean)", **summary(quality(cond, ref), bicubic)})
+        cond = conditioning_images(model.cond, lr, batch_size)
+        rows.append({"method": "cond net (mean)",
+                     **output_summary(cond, lr, ref, bicubic, back_projection)})
         if model.cond.head == "gaussian":  # the regression output itself, uncut by the range
-            cond = conditioning_mu_images(model.cond, lr, batch_size).numpy()
-            rows.append({"method": "cond net (mu)", **summary(quality(cond, ref), bicubic)})
+            cond = conditioning_mu_images(model.cond, lr, batch_size)
+            rows.append({"method": "cond net (mu)",
+                         **output_summary(cond, lr, ref, bicubic, back_projection)})
     return rows
 
 
 def quality_rows(model: ImageTransformer, hr: torch.Tensor, ks: list[int], epsilons: list[int],
                  rules: list[str], refine: int = 255, temperatures: list[float] = (),
-                 seed: int = 0, batch_size: int = 32, progress: bool = False) -> list[dict]:
+                 seed: int = 0, batch_size: int = 32, progress: bool = False,
+                 back_projection: bool = True) -> list[dict]:
     """Every row of ``bpd-sr evaluate`` on faces hr uint8 (N, 32, 32, 3) (module docstring);
     a blockwise row also says how far it moved from sequential decoding with its rule."""
     lr, ref = downsample(hr), hr.numpy()
     bicubic = quality(upscale_bicubic(lr.numpy()), ref)
-    rows = baseline_rows(model, hr, batch_size, bicubic)
+    rows = baseline_rows(model, hr, batch_size, bicubic, back_projection)
     sequential: dict = {}  # rule -> (PSNR, images) of its sequential decode
     for m in tqdm(methods(ks, epsilons, rules, list(temperatures)), desc="decoding",
                   disable=not progress):
@@ -112,7 +136,7 @@ def quality_rows(model: ImageTransformer, hr: torch.Tensor, ks: list[int], epsil
         row = {"method": m.name, "rule": m.rule, "k": m.k, "epsilon": m.epsilon,
                "temperature": m.temperature,
                "refine": refine if m.k > 1 and m.temperature == 0 else None,
-               **summary(quality(decoded.numpy(), ref), bicubic),
+               **output_summary(decoded, lr, ref, bicubic, back_projection),
                "mean_accepted": mean, "model_calls_per_image": calls / len(lr),
                "seconds": secs}
         if m.k > 1:  # of the k - 1 proposals tested per step (slot 0 is the base's own token)

@@ -50,14 +50,7 @@ def augment_faces(hr: torch.Tensor, generator: torch.Generator, max_zoom: float 
     degrees: the rotated corners of a cut zoomed up to 1.5 and shifted up to 8 pixels then
     stay inside the mirrored border. ``color_share`` > 0 needs ``color_generator`` (module
     docstring)."""
-    if not 0.0 <= max_rotation <= MAX_ROTATION:
-        raise ValueError(f"max_rotation must be in [0, {MAX_ROTATION}] degrees")
-    if rotated_share is not None and not 0.0 <= rotated_share <= 1.0:
-        raise ValueError("rotated_share must be in [0, 1]")
-    if not 0.0 <= color_share <= 1.0:
-        raise ValueError("color_share must be in [0, 1]")
-    if color_share > 0 and color_generator is None:
-        raise ValueError("color_share needs a color_generator")
+    _check_settings(max_rotation, rotated_share, color_share, color_generator)
     b = hr.shape[0]
     pad = HR_SIZE
     zoom = 1 + (max_zoom - 1) * torch.rand(b, generator=generator)
@@ -99,6 +92,19 @@ def augment_faces(hr: torch.Tensor, generator: torch.Generator, max_zoom: float 
         y = _recolour(y, color_share, color_generator, color_strength)
     y = y.round().clamp(0, 255).to(torch.uint8)
     return y.permute(0, 2, 3, 1).contiguous()
+
+
+def _check_settings(max_rotation: float, rotated_share: float | None, color_share: float,
+                    color_generator: torch.Generator | None) -> None:
+    """The settings of ``augment_faces`` that it cannot work with, as a ValueError."""
+    if not 0.0 <= max_rotation <= MAX_ROTATION:
+        raise ValueError(f"max_rotation must be in [0, {MAX_ROTATION}] degrees")
+    if rotated_share is not None and not 0.0 <= rotated_share <= 1.0:
+        raise ValueError("rotated_share must be in [0, 1]")
+    if not 0.0 <= color_share <= 1.0:
+        raise ValueError("color_share must be in [0, 1]")
+    if color_share > 0 and color_generator is None:
+        raise ValueError("color_share needs a color_generator")
 
 
 def _recolour(x: torch.Tensor, share: float, g: torch.Generator, strength: float
