@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bpd_sr.config import SCALE
+from bpd_sr.model.tokens import levels_to_image
 
 
 def back_project(images: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,7 @@ def back_project(images: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
     x = images.permute(0, 3, 1, 2).double()  # (B, 3, 32, 32)
     shortfall = lr.permute(0, 3, 1, 2).double() - F.avg_pool2d(x, SCALE)  # (B, 3, 8, 8)
     x = x + shortfall.repeat_interleave(SCALE, 2).repeat_interleave(SCALE, 3)
-    return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return levels_to_image(x)
 
 
 __all__ = ["back_project"]

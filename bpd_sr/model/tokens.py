@@ -27,6 +27,12 @@ def tokens_to_image(tokens: torch.Tensor, size: int = HR_SIZE) -> torch.Tensor:
     return tokens.reshape(tokens.shape[0], size, size, CHANNELS).to(torch.uint8)
 
 
+def levels_to_image(levels: torch.Tensor) -> torch.Tensor:
+    """float (B, 3, H, W) intensities in levels, any range -> uint8 (B, H, W, 3) on the CPU,
+    clipped to 0 .. 255 and rounded."""
+    return levels.cpu().clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 def downsample(hr: torch.Tensor) -> torch.Tensor:
     """The model's input: the 4x4 area mean of a 32x32 image, rounded half up.
 

@@ -34,7 +34,7 @@ from bpd_sr.decoding.rules import apply_rule, expected_intensity
 from bpd_sr.io.data import load_faces
 from bpd_sr.io.pretrained import load_checkpoint, save_checkpoint, warm_start
 from bpd_sr.model.conditioning import ConditioningNet, residual_block
-from bpd_sr.model.tokens import downsample, image_to_tokens, tokens_to_image
+from bpd_sr.model.tokens import downsample, image_to_tokens, levels_to_image, tokens_to_image
 from bpd_sr.training.augment import augment_faces
 from bpd_sr.training.schedule import step_progress, warmup_cosine
 
@@ -93,11 +93,6 @@ def conditioning_images(net: ConditioningNet, lr: torch.Tensor, batch_size: int 
     return torch.cat(images)
 
 
-def mu_to_image(mu: torch.Tensor) -> torch.Tensor:
-    """mu (N, 3, 32, 32) in levels -> uint8 (N, 32, 32, 3), clipped to 0 .. 255 and rounded."""
-    return mu.cpu().clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
 @torch.no_grad()
 def conditioning_mu_images(net: ConditioningNet, lr: torch.Tensor, batch_size: int = 64
                            ) -> torch.Tensor:
@@ -106,7 +101,7 @@ def conditioning_mu_images(net: ConditioningNet, lr: torch.Tensor, batch_size: i
     intensity of its logits where the range cuts a tail (near black and white), which pulls
     that expectation inwards. lr uint8 (N, 8, 8, 3) -> uint8 (N, 32, 32, 3)."""
     dev = next(net.parameters()).device
-    return mu_to_image(torch.cat([net.gaussian_parameters(lr[s : s + batch_size].to(dev))[0]
+    return levels_to_image(torch.cat([net.gaussian_parameters(lr[s : s + batch_size].to(dev))[0]
                                   for s in range(0, len(lr), batch_size)]))
 
 
@@ -286,5 +281,4 @@ def _finish(cfg: CondFitConfig, model, log: list) -> Path:
 
 
 __all__ = ["CondFitConfig", "CondFitError", "add_identity_blocks", "conditioning_images",
-           "conditioning_loss", "conditioning_mu_images", "conditioning_psnr", "mu_to_image",
-           "run"]
+           "conditioning_loss", "conditioning_mu_images", "conditioning_psnr", "run"]

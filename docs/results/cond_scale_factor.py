@@ -25,11 +25,11 @@ torch.set_num_threads(1)
 faces, start, stop, out_path, ckpt, factors = sys.argv[1:7]
 hr = torch.as_tensor(np.load(faces)["images"][int(start):int(stop)])
 lr = downsample(hr)
+method = Method("default", DEFAULT_K, DEFAULT_EPSILON, 0.0, DEFAULT_RULE)
 rows = []
 for f in map(float, factors.split(",")):
     model = load_pretrained(ckpt)
     model.cfg = replace(model.cfg, cond_scale=tuple(s * f for s in model.cfg.cond_scales))
-    method = Method("default", DEFAULT_K, DEFAULT_EPSILON, 0.0, DEFAULT_RULE)
     images, accepted, _, _ = decode_all(model, lr, method, 255, 0, 64)
     made = quality(images.numpy(), hr.numpy())
     projected = quality(back_project(images, lr).numpy(), hr.numpy())

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 from bpd_sr.evaluation.metrics import quality
 from bpd_sr.io.pretrained import load_checkpoint, warm_start
-from bpd_sr.model.tokens import downsample
-from bpd_sr.training.condfit import mu_to_image
+from bpd_sr.model.tokens import downsample, levels_to_image
 
 torch.set_num_threads(1)
 paths = sys.argv[3:]
@@ -52,7 +51,7 @@ def shifted(lr, dy, dx):
 
 
 def psnr(mu, hr):
-    return quality(mu_to_image(mu).numpy(), hr.numpy())["psnr"]
+    return quality(levels_to_image(mu).numpy(), hr.numpy())["psnr"]
 
 
 nets = {p: net_of(path=p) for p in paths}
