@@ -228,6 +228,7 @@ class HeadFitConfig:
 # the largest rotation of the framing augmentation (bpd_sr.training.augment), in degrees:
 # rotated corners of a cut zoomed up to 1.5 and shifted up to 8 pixels stay in its border
 MAX_ROTATION = 15.0
+OBJECTIVES = ("ce", "regression", "psnr")  # CondFitConfig.objective
 # fit-cond's recolouring generator is seeded seed + this (CondFitConfig.color_share)
 COLOR_SEED_OFFSET = 1_000_003
 
@@ -255,7 +256,8 @@ class CondFitConfig:
     # "ce": the cross-entropy of the 256-level logits (+ the value loss above);
     # "regression" (gaussian head): squared error of mu, and the Gaussian likelihood of the
     # true intensity for sigma with mu held fixed; no 256-level table, so several times
-    # cheaper per face (module docstring)
+    # cheaper per face (module docstring); "psnr": the same with mu fitted by the mean over
+    # faces of the log of each face's squared error (condfit.regression_loss)
     objective: str = "ce"
     # framing augmentation (bpd_sr.training.augment): zoom-out up to this factor, shifts up to this
     # many pixels, flips; 1.0 / 0.0 keep the training crop as it is (flips stay)

@@ -234,7 +234,30 @@ def test_regression_loss_fits_mu_by_squared_error_and_sigma_by_likelihood():
     assert stats["mse"] == pytest.approx((4 / 32) ** 2)
 
 
-def test_fit_cond_regression_objective_with_a_narrow_upsampling_path(tmp_path):
+def test_psnr_objective_weighs_each_face_by_its_inverse_error():
+    from bpd_sr.training.condfit import regression_loss
+
+    hr = torch.full((2, 32, 32, 3), 100, dtype=torch.uint8)
+    mu = torch.stack([torch.full((3, 32, 32), 104.0), torch.full((3, 32, 32), 108.0)])
+    grads = {}
+    for per_face_log in (False, True):
+        m = mu.clone().requires_grad_(True)
+        loss, stats = regression_loss(m, torch.ones_like(m), hr, per_face_log=per_face_log)
+        loss.backward()
+        grads[per_face_log] = m.grad[:, 0, 0, 0]
+        assert stats["mse"] == pytest.approx(((4 / 32) ** 2 + (8 / 32) ** 2) / 2)
+    # squared error: a face's pull grows with its error (4 and 8 levels: 1 : 2)
+    assert grads[False][1] / grads[False][0] == pytest.approx(2.0)
+    # the mean log error: d log(e^2) / d mu = 2 / e, so the nearer face pulls twice as hard
+    assert grads[True][0] / grads[True][1] == pytest.approx(2.0)
+    # scaled by the batch's mean squared error (equal errors: the plain loss's gradient)
+    mse = ((4 / 32) ** 2 + (8 / 32) ** 2) / 2
+    n = 3 * 32 * 32
+    assert grads[True][0] == pytest.approx(mse * 2 / 4 / n / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["regression", "psnr"])
+def test_fit_cond_regression_objectives_with_a_narrow_upsampling_path(tmp_path, objective):
     rng = np.random.default_rng(0)
     faces = tmp_path / "faces.npz"
     np.savez(faces, images=rng.integers(30, 220, (10, 32, 32, 3), dtype=np.uint8))
@@ -242,16 +265,17 @@ def test_fit_cond_regression_objective_with_a_narrow_upsampling_path(tmp_path):
     args = ["fit-cond", "--data", faces, "--init", init, "--width", "8", "--blocks", "1",
             "--batch-size", "4", "--n-val", "2", "--eval-every", "2", "--steps", "2", "--quiet"]
     res = CliRunner().invoke(main, [str(a) for a in args + ["--out", tmp_path / "r",
-                                                            "--objective", "regression",
+                                                            "--objective", objective,
                                                             "--up-width", "4"]])
     assert res.exit_code == 0, res.output
     model = load_pretrained(tmp_path / "r" / "cond.pt")
     assert model.cfg.cond_up_channels == 4 and model.cond.out.in_channels == 4
-    assert {"mse", "nll", "val_psnr"} <= set(load_checkpoint(tmp_path / "r" / "cond.pt")
-                                             ["about"]["log"][0])
+    about = load_checkpoint(tmp_path / "r" / "cond.pt")["about"]
+    assert {"mse", "nll", "val_psnr"} <= set(about["log"][0])
+    assert about["cond_fit_config"]["objective"] == objective
     res = CliRunner().invoke(main, [str(a) for a in args + ["--out", tmp_path / "s", "--head",
-                                                            "logits", "--objective", "regression"]])
-    assert res.exit_code != 0 and "needs the gaussian head" in res.output
+                                                            "logits", "--objective", objective]])
+    assert res.exit_code != 0 and f"the {objective} objective needs the gaussian head" in res.output
 
 
 def test_detached_scale_trains_only_the_scale_outputs():

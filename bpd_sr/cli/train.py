@@ -11,6 +11,7 @@ from bpd_sr.config import (
     DEFAULT_RULE,
     MAX_ROTATION,
     MODEL_PRESETS,
+    OBJECTIVES,
     TrainConfig,
 )
 from bpd_sr.decoding.rules import RULES
@@ -160,11 +161,12 @@ def fit_heads_command(quiet: bool, threads: int | None, **kwargs) -> None:
 @click.option("--up-width", type=click.IntRange(0, None), default=0, show_default=True,
               help="Channels of the upsampling path at 16x16 and 32x32 (0: --width); most of "
                    "the net's arithmetic at full width.")
-@click.option("--objective", type=click.Choice(["ce", "regression"]), default="ce",
+@click.option("--objective", type=click.Choice(list(OBJECTIVES)), default="ce",
               show_default=True,
               help="ce: cross-entropy of the 256-level logits; regression (gaussian head): "
                    "squared error of the mean and Gaussian likelihood of the scale, several "
-                   "times cheaper per face.")
+                   "times cheaper per face; psnr: regression with the mean fitted to the "
+                   "mean PSNR over faces (the log of each face's squared error).")
 @click.option("--head", type=click.Choice(["gaussian", "logits"]), default="gaussian",
               show_default=True, help="gaussian: a mean and a scale per colour (smooth, cheap); "
                                       "logits: 256 free logits per colour.")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from bpd_sr.config import COLOR_SEED_OFFSET, CondFitConfig
+from bpd_sr.config import COLOR_SEED_OFFSET, OBJECTIVES, CondFitConfig
 from bpd_sr.decoding.rules import apply_rule, expected_intensity
 from bpd_sr.io.data import load_faces
 from bpd_sr.io.pretrained import load_checkpoint, save_checkpoint, warm_start
@@ -60,7 +60,8 @@ def conditioning_loss(logits: torch.Tensor, targets: torch.Tensor,
 
 
 def regression_loss(mu: torch.Tensor, sigma: torch.Tensor, hr: torch.Tensor,
-                    scale_weight: float = 0.1) -> tuple[torch.Tensor, dict]:
+                    scale_weight: float = 0.1, per_face_log: bool = False
+                    ) -> tuple[torch.Tensor, dict]:
     """mu, sigma (B, 3, 32, 32) in levels, hr uint8 (B, 32, 32, 3) -> (loss, stats).
 
     mu is fitted by squared error, which is what PSNR measures and what the "mean" rule
@@ -70,11 +71,21 @@ def regression_loss(mu: torch.Tensor, sigma: torch.Tensor, hr: torch.Tensor,
     head's likelihood up to its normaliser's edge terms. With ``gaussian_parameters(...,
     detach_scale=True)`` only sigma's own output weights learn from it, and its small
     weight keeps its gradient from dominating the clipped gradient norm: measured, a shared
-    likelihood term slowed the learning of mu several times."""
+    likelihood term slowed the learning of mu several times.
+
+    per_face_log: mu is fitted by the mean over faces of the log of each face's squared
+    error instead, i.e. by the mean PSNR over faces that evaluation reports (PSNR is -10
+    log10 of a face's error): plain squared error weighs a face by its error, so it spends
+    the net on the hardest faces, while the mean PSNR rewards a dB gained on any face alike.
+    Its gradient is multiplied by the batch's detached squared error, which makes it the
+    plain loss's when all faces' errors are equal (the gradient clipping and the likelihood
+    term's weight stay as tuned for it)."""
     target = hr.permute(0, 3, 1, 2).to(mu.dtype)
-    mse = ((mu - target) / 32.0).pow(2).mean()
+    face_mse = ((mu - target) / 32.0).pow(2).flatten(1).mean(1)  # (B,)
+    mse = face_mse.mean()
+    fit = mse.detach() * face_mse.log().mean() if per_face_log else mse
     nll = (torch.log(sigma) + (target - mu.detach()).pow(2) / (2 * sigma.pow(2))).mean()
-    return mse + scale_weight * nll, {"mse": mse.detach(), "nll": nll.detach()}
+    return fit + scale_weight * nll, {"mse": mse.detach(), "nll": nll.detach()}
 
 
 @torch.no_grad()
@@ -145,8 +156,9 @@ def _model_with_net(cfg: CondFitConfig, state: dict | None):
         raise CondFitError("width and steps must be positive and blocks >= 0")
     if cfg.head not in ("gaussian", "logits"):
         raise CondFitError(f"unknown head {cfg.head!r}; choose gaussian or logits")
-    if cfg.objective not in ("ce", "regression"):
-        raise CondFitError(f"unknown objective {cfg.objective!r}; choose ce or regression")
+    if cfg.objective not in OBJECTIVES:
+        raise CondFitError(f"unknown objective {cfg.objective!r}; choose "
+                           + ", ".join(OBJECTIVES))
     if cfg.rotated_share is not None and cfg.max_rotation == 0:
         raise CondFitError("--rotated-share needs --max-rotation above 0")
     if cfg.add_blocks < 0 or (cfg.add_blocks and not cfg.keep_net):
@@ -166,8 +178,8 @@ def _model_with_net(cfg: CondFitConfig, state: dict | None):
         torch.manual_seed(cfg.seed)
         model.cond = ConditioningNet(cfg.width, cfg.blocks, cfg.head, cfg.up_width,
                                      model.cfg.cond_flip_average)
-    if cfg.objective == "regression" and cfg.head != "gaussian":
-        raise CondFitError("the regression objective needs the gaussian head")
+    if cfg.objective != "ce" and cfg.head != "gaussian":
+        raise CondFitError(f"the {cfg.objective} objective needs the gaussian head")
     if state is not None:
         model.load_state_dict(state["model"])
     return cfg, model
@@ -198,8 +210,9 @@ def _batch_loss(cfg: CondFitConfig, net: ConditioningNet, train: torch.Tensor,
                        reframed_share=cfg.reframed_share, max_rotation=cfg.max_rotation,
                        rotated_share=cfg.rotated_share, color_share=cfg.color_share,
                        color_generator=color_g)
-    if cfg.objective == "regression":
-        return regression_loss(*net.gaussian_parameters(downsample(hr), detach_scale=True), hr)
+    if cfg.objective != "ce":
+        return regression_loss(*net.gaussian_parameters(downsample(hr), detach_scale=True), hr,
+                               per_face_log=cfg.objective == "psnr")
     return conditioning_loss(net(downsample(hr)), image_to_tokens(hr), cfg.value_loss_weight)
 
 
