@@ -225,9 +225,9 @@ class HeadFitConfig:
         return _from_dict(cls, d)
 
 
-# the largest rotation of the framing augmentation (bpd_sr.training.augment), in degrees:
-# rotated corners of a cut zoomed up to 1.5 and shifted up to 8 pixels stay in its border
-MAX_ROTATION = 15.0
+# the largest rotation of the framing augmentation (bpd_sr.training.augment), in degrees
+# either way: heads tilted further than this are rare in face photos
+MAX_ROTATION = 45.0
 OBJECTIVES = ("ce", "regression", "psnr")  # CondFitConfig.objective
 # fit-cond's recolouring generator is seeded seed + this (CondFitConfig.color_share)
 COLOR_SEED_OFFSET = 1_000_003

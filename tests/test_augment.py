@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bpd_sr.config import MAX_ROTATION
 from bpd_sr.training.augment import augment_faces
 
 
@@ -57,10 +58,23 @@ def test_rotation_turns_the_reframed_faces_and_fills_them_from_the_mirrored_bord
     # a turned bar leaves its rows at the left and right edges, the more the larger the angle
     assert turned[:, 14:18, [0, -1]].float().mean() < 0.8 * 255
     assert turned[:, 14:18, 14:18].float().mean() > 0.95 * 255  # about the centre
-    flat = torch.full((32, 32, 32, 3), 200, dtype=torch.uint8)
-    worst = augment_faces(flat, torch.Generator().manual_seed(4), max_zoom=1.5, max_shift=8.0,
-                          max_rotation=15.0)
-    assert torch.equal(worst, flat)  # no empty corner anywhere
+
+@pytest.mark.parametrize("max_zoom, max_shift", [(1.5, 8.0), (2.0, 1.0)])
+def test_rotated_cuts_never_reach_an_empty_corner(max_zoom, max_shift):
+    flat = torch.full((64, 32, 32, 3), 200, dtype=torch.uint8)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        worst = augment_faces(flat, g, max_zoom=max_zoom, max_shift=max_shift,
+                              max_rotation=MAX_ROTATION)
+        assert torch.equal(worst, flat)  # no empty (black) corner anywhere
+
+
+def test_a_cut_that_a_rotation_could_take_past_the_mirrored_border_is_refused():
+    hr = _faces(2)
+    with pytest.raises(ValueError, match="inside the mirrored border"):
+        augment_faces(hr, torch.Generator(), max_zoom=2.0, max_shift=4.0, max_rotation=5.0)
+    # the same cut unrotated is fine: only rotating brings the square's corners in
+    augment_faces(hr, torch.Generator(), max_zoom=2.0, max_shift=4.0, max_rotation=0.0)
 
 
 def test_no_rotation_draws_nothing_so_older_runs_keep_their_random_stream():
@@ -69,7 +83,7 @@ def test_no_rotation_draws_nothing_so_older_runs_keep_their_random_stream():
     assert torch.equal(augment_faces(hr, g1), augment_faces(hr, g2, max_rotation=0.0))
     assert torch.equal(g1.get_state(), g2.get_state())
     with pytest.raises(ValueError, match="max_rotation"):
-        augment_faces(hr, g1, max_rotation=20.0)
+        augment_faces(hr, g1, max_rotation=MAX_ROTATION + 1)
 
 
 def test_a_rotated_share_of_its_own_turns_faces_that_keep_the_training_crop():

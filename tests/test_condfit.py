@@ -103,6 +103,7 @@ def test_fit_cond_changes_only_the_conditioning_net_and_resumes(tmp_path):
     (["--steps", "0"], "--steps"),
     (["--width", "0"], "--width"),
     (["--rotated-share", "0.5"], "needs --max-rotation"),
+    (["--max-rotation", "10", "--max-zoom", "2", "--max-shift", "4"], "inside the mirrored border"),
     (["--add-blocks", "2"], "needs --keep-net"),
 ])
 def test_fit_cond_bad_settings_are_one_line_and_no_work(tmp_path, args, message):

@@ -26,6 +26,8 @@ flip give the face back unchanged.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -47,10 +49,11 @@ def augment_faces(hr: torch.Tensor, generator: torch.Generator, max_zoom: float 
     The random draws come from ``generator`` (a CPU generator), so a run is reproducible
     from its seed; with ``max_rotation`` 0 no angle is drawn, so the draws of runs made
     before rotations existed stay the same. ``max_rotation`` is at most ``MAX_ROTATION``
-    degrees: the rotated corners of a cut zoomed up to 1.5 and shifted up to 8 pixels then
-    stay inside the mirrored border. ``color_share`` > 0 needs ``color_generator`` (module
-    docstring)."""
+    degrees, and rotating needs a cut that lies inside the circle the mirrored square keeps
+    filled at every angle (``check_rotation``). ``color_share`` > 0 needs
+    ``color_generator`` (module docstring)."""
     _check_settings(max_rotation, rotated_share, color_share, color_generator)
+    check_rotation(max_rotation, max_zoom, max_shift)
     b = hr.shape[0]
     pad = HR_SIZE
     zoom = 1 + (max_zoom - 1) * torch.rand(b, generator=generator)
@@ -92,6 +95,21 @@ def augment_faces(hr: torch.Tensor, generator: torch.Generator, max_zoom: float 
         y = _recolour(y, color_share, color_generator, color_strength)
     y = y.round().clamp(0, 255).to(torch.uint8)
     return y.permute(0, 2, 3, 1).contiguous()
+
+
+def check_rotation(max_rotation: float, max_zoom: float, max_shift: float) -> None:
+    """A ValueError if a rotation could bring an empty corner into the cut. The face is
+    mirrored into a square of 3 x 32 pixels and turned about its centre: whatever the
+    angle, the circle inscribed in that square stays filled, so the cut (side 32 x zoom,
+    shifted by up to max_shift in each direction) must have its corners inside it, with a
+    pixel to spare for the bilinear resampling."""
+    if max_rotation == 0:
+        return
+    half = HR_SIZE * max_zoom / 2 + max_shift  # furthest reach of the cut along an axis
+    if half * math.sqrt(2) > 1.5 * HR_SIZE - 1:
+        raise ValueError(f"rotating needs the cut inside the mirrored border: --max-zoom "
+                         f"{max_zoom:g} with --max-shift {max_shift:g} reaches too far "
+                         f"(at most zoom 1.5 with shift 8, or zoom 2 with shift 1)")
 
 
 def _check_settings(max_rotation: float, rotated_share: float | None, color_share: float,

@@ -35,7 +35,7 @@ from bpd_sr.io.data import load_faces
 from bpd_sr.io.pretrained import load_checkpoint, save_checkpoint, warm_start
 from bpd_sr.model.conditioning import ConditioningNet, residual_block
 from bpd_sr.model.tokens import downsample, image_to_tokens, levels_to_image, tokens_to_image
-from bpd_sr.training.augment import augment_faces
+from bpd_sr.training.augment import augment_faces, check_rotation
 from bpd_sr.training.schedule import step_progress, warmup_cosine
 
 
@@ -161,6 +161,10 @@ def _model_with_net(cfg: CondFitConfig, state: dict | None):
                            + ", ".join(OBJECTIVES))
     if cfg.rotated_share is not None and cfg.max_rotation == 0:
         raise CondFitError("--rotated-share needs --max-rotation above 0")
+    try:
+        check_rotation(cfg.max_rotation, cfg.max_zoom, cfg.max_shift)
+    except ValueError as e:
+        raise CondFitError(str(e)) from None
     if cfg.add_blocks < 0 or (cfg.add_blocks and not cfg.keep_net):
         raise CondFitError("--add-blocks deepens a kept net: it needs --keep-net "
                            "(a new net takes --blocks)")
