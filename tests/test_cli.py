@@ -499,6 +499,39 @@ def test_export_makes_a_small_loadable_copy(tmp_path, tiny_ckpt, dtype, write_wa
         torch.testing.assert_close(model.state_dict()[name].float(), t.float(), rtol=1e-2, atol=1e-2)
 
 
+def test_average_writes_the_mean_of_the_weights(tmp_path, tiny_ckpt, write_watcher):
+    from bpd_sr.io.pretrained import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+    first = model_from_checkpoint(tiny_ckpt)
+    second = model_from_checkpoint(tiny_ckpt)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(torch.randn_like(p))
+    other = save_checkpoint(tmp_path / "other.pt", second)
+    res = run("average", tiny_ckpt, other, "--out", tmp_path / "soup.pt")
+    assert res.exit_code == 0, res.output
+    write_watcher.check(tmp_path / "soup.pt")
+    soup = model_from_checkpoint(tmp_path / "soup.pt")
+    assert soup.cfg == first.cfg
+    a, b = first.state_dict(), second.state_dict()
+    for name, t in soup.state_dict().items():
+        torch.testing.assert_close(t, (a[name] + b[name]) / 2)
+    assert load_checkpoint(tmp_path / "soup.pt")["about"]["averaged"] == [str(tiny_ckpt),
+                                                                          str(other)]
+
+
+def test_average_refuses_nets_of_other_shapes_and_a_single_checkpoint(tmp_path, tiny_ckpt):
+    from bpd_sr.io.pretrained import save_checkpoint
+
+    wider = save_checkpoint(tmp_path / "wider.pt", ImageTransformer(
+        ModelConfig.preset("tiny", k=4, cond_channels=8)))
+    for args, message in [((tiny_ckpt, wider), "another configuration"),
+                          ((tiny_ckpt,), "two checkpoints or more")]:
+        res = run("average", *args, "--out", tmp_path / "soup.pt")
+        assert res.exit_code != 0 and message in res.output, res.output
+        assert "Traceback" not in res.output and not (tmp_path / "soup.pt").exists()
+
+
 def test_upscale_samples_at_a_temperature(tmp_path, tiny_ckpt):
     """--samples N writes N exact samples, sample i seeded by (--seed, i): exactly the
     library's sampler with those generators (so the same on every run, other for another

@@ -1,4 +1,4 @@
-"""`bpd-sr prepare-celeba` and `bpd-sr export`: data sets and checkpoints."""
+"""`bpd-sr prepare-celeba`, `bpd-sr export` and `bpd-sr average`: data sets and checkpoints."""
 
 from __future__ import annotations
 
@@ -38,3 +38,20 @@ def export_command(checkpoint: str, dest: str, dtype: str) -> None:
     _writable_file(dest, "DEST")
     path = export_weights(checkpoint, dest, dt)
     click.echo(f"wrote {path}")
+
+
+@main.command("average")
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "dest", required=True, type=click.Path(),
+              help="The averaged checkpoint to write (fp32; `bpd-sr export` makes a bf16 copy).")
+@one_line_errors
+def average_command(checkpoints: tuple[str, ...], dest: str) -> None:
+    """Average the weights of two or more checkpoints of the same net (a model soup): for
+    fine-tunes from the same start, e.g. runs of `bpd-sr fit-cond` that differ in one
+    setting. Writes the first's configuration with the mean weights."""
+    from bpd_sr.io.pretrained import average_checkpoints, save_checkpoint
+
+    _writable_file(dest, "--out")
+    model = average_checkpoints(list(checkpoints))
+    path = save_checkpoint(dest, model, extra={"about": {"averaged": list(checkpoints)}})
+    click.echo(f"wrote {path}: the mean of {len(checkpoints)} checkpoints")

@@ -157,6 +157,29 @@ def load_pretrained(
     return model_from_checkpoint(checkpoint or default_weights_path(), device)
 
 
+def average_checkpoints(paths: list[str | Path]) -> ImageTransformer:
+    """The weight average of checkpoints of one configuration (a "model soup", Wortsman et
+    al. 2022): fine-tunes of the same net from the same start lie close enough in weight
+    space that their mean is a net of its own, often better than each, at the cost of one.
+    Floating-point weights are averaged in float64; the model is the first's, in fp32."""
+    if len(paths) < 2:
+        raise CheckpointError("averaging needs two checkpoints or more")
+    ckpts = [load_checkpoint(p) for p in paths]
+    configs = [_model_config(c, Path(p)) for c, p in zip(ckpts, paths, strict=True)]
+    for cfg, p in zip(configs[1:], paths[1:], strict=True):
+        if cfg != configs[0]:
+            raise CheckpointError(f"{p} is of another configuration than {paths[0]}: only "
+                                  "fine-tunes of the same net can be averaged.")
+    states = [c["model"] for c in ckpts]
+    if any(s.keys() != states[0].keys() for s in states):
+        raise CheckpointError("the checkpoints hold different weights: they cannot be averaged")
+    mean = {k: (sum(s[k].double() for s in states) / len(states)).float()
+            if v.is_floating_point() else v for k, v in states[0].items()}
+    model = ImageTransformer(configs[0])
+    _load_weights(model, mean, Path(paths[0]))
+    return model.eval()
+
+
 def export_weights(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """A small inference-only copy of a training checkpoint: config and weights (in ``dtype``),
     no optimizer; what it was trained on is kept under ``"about"``."""

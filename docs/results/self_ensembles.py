@@ -17,25 +17,19 @@ import torch
 import torch.nn.functional as F
 
 from bpd_sr.evaluation.metrics import quality
-from bpd_sr.io.pretrained import load_checkpoint, warm_start
+from bpd_sr.io.pretrained import average_checkpoints, warm_start
 from bpd_sr.model.tokens import downsample, levels_to_image
 
 torch.set_num_threads(1)
 paths = sys.argv[3:]
 
 
-def net_of(state=None, path=paths[0]):
-    model = warm_start(path)[0].eval()
-    if state is not None:
-        model.load_state_dict(state)
+def net_of(path=None, soup_of=None):
+    """The mirror-averaged net of one checkpoint, or of the weight average of several
+    (``bpd-sr average``)."""
+    model = average_checkpoints(soup_of) if soup_of else warm_start(path)[0].eval()
     model.cond.flip_average = True
     return model.cond
-
-
-def soup(ckpts):
-    states = [load_checkpoint(p)["model"] for p in ckpts]
-    return {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype)
-            if v.is_floating_point() else v for k, v in states[0].items()}
 
 
 @torch.no_grad()
@@ -55,9 +49,9 @@ def psnr(mu, hr):
 
 
 nets = {p: net_of(path=p) for p in paths}
-soups = {"soup of the first two": net_of(soup(paths[:2]))}
+soups = {"soup of the first two": net_of(soup_of=paths[:2])}
 if len(paths) > 2:
-    soups["soup of all"] = net_of(soup(paths))
+    soups["soup of all"] = net_of(soup_of=paths)
 for name, path in (("standard", sys.argv[1]), ("looser", sys.argv[2])):
     hr = torch.as_tensor(np.load(path)["images"][:256])
     lr = downsample(hr)
