@@ -25,8 +25,9 @@ DEFAULT_RULE = "mean"
 
 # The acceptance tolerance of blockwise decoding when the user gives none: a proposal is kept
 # when it is within this many intensity levels of the base model's choice (Stern et al.
-# 2018, section 5.2, "distance-based"). The one place that decides it (README, "Results").
-DEFAULT_EPSILON = 1
+# 2018, section 5.2, "distance-based"); 0 is exact acceptance, the base model's own greedy
+# decode. The one place that decides it, by the tolerance rule (README, "Results").
+DEFAULT_EPSILON = 0
 # The proposals per step when the user gives none (fewer for a model with fewer slots). A
 # fixed number, not a choice made from timings: with a tolerance above 0 each k gives a
 # different image, and an output must depend only on the input, the weights and the options.
