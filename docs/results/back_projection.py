@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 sets = {"standard": sys.argv[1], "looser": sys.argv[2]}
 n, out_path = int(sys.argv[3]), sys.argv[4]
 model = load_pretrained(sys.argv[5] if len(sys.argv) > 5 else None)
-result = {"command": " ".join(sys.argv)}
+result = {"command": " ".join(sys.argv), "k": DEFAULT_K, "epsilon": DEFAULT_EPSILON, "rule": DEFAULT_RULE}
 for name, path in sets.items():
     hr = torch.as_tensor(np.load(path)["images"][:n])
     lr = downsample(hr)

@@ -40,5 +40,6 @@ for f in map(float, factors.split(",")):
     rows.append(row)
     print(json.dumps(row), flush=True)
 with open(out_path, "w") as fh:
-    json.dump({"command": " ".join(sys.argv), "faces": f"{faces}[{start}:{stop}]", "rows": rows},
+    json.dump({"command": " ".join(sys.argv), "faces": f"{faces}[{start}:{stop}]",
+               "k": DEFAULT_K, "epsilon": DEFAULT_EPSILON, "rule": DEFAULT_RULE, "rows": rows},
               fh, indent=1)
