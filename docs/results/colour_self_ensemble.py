@@ -13,15 +13,11 @@ import torch
 
 from bpd_sr.evaluation.metrics import quality
 from bpd_sr.io.pretrained import warm_start
-from bpd_sr.model.tokens import downsample
+from bpd_sr.model.tokens import downsample, levels_to_image
 
 torch.set_num_threads(1)
 net = warm_start(sys.argv[1])[0].eval().cond
 net.flip_average = True
-
-
-def to_image(mu: torch.Tensor) -> np.ndarray:
-    return mu.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def mu_of(x: torch.Tensor) -> torch.Tensor:
@@ -40,9 +36,9 @@ for path in sys.argv[2:4]:
     hr = torch.as_tensor(np.load(path)["images"][:256])
     x = downsample(hr).float()
     base = mu_of(x)
-    out = {"plain": quality(to_image(base), hr.numpy())["psnr"]}
+    out = {"plain": quality(levels_to_image(base).numpy(), hr.numpy())["psnr"]}
     for name, changes in CHANGES.items():
         mus = [base] + [127.5 + (mu_of(127.5 + a * (x - 127.5) + b) - b - 127.5) / a
                         for a, b in changes]
-        out[name] = quality(to_image(sum(mus) / len(mus)), hr.numpy())["psnr"]
+        out[name] = quality(levels_to_image(sum(mus) / len(mus)).numpy(), hr.numpy())["psnr"]
     print(path, " | ".join(f"{k} {v:.4f}" for k, v in out.items()), flush=True)
