@@ -23,8 +23,18 @@ from bpd_sr.evaluation.metrics import quality, upscale_bicubic
 from bpd_sr.io.pretrained import warm_start
 from bpd_sr.model.tokens import downsample, levels_to_image
 from bpd_sr.training.augment import augment_faces
+from bpd_sr.training.condfit import conditioning_mu_images
 
 torch.set_num_threads(1)
+
+
+def gain_over_bicubic(net_img: np.ndarray, lr: torch.Tensor, hr) -> tuple[np.ndarray, np.ndarray]:
+    """Per-face PSNR of bicubic and the net's gain over it: net_img and hr uint8 (N, 32, 32,
+    3), lr uint8 (N, 8, 8, 3) -> (bicubic PSNR (N,), gain (N,))."""
+    base = quality(upscale_bicubic(lr.numpy()), hr)["psnr_per_image"]
+    return base, quality(net_img, hr)["psnr_per_image"] - base
+
+
 train, test, loose, ckpt = sys.argv[1:5]
 sets = {"held-out": np.load(train)["images"][-256:], "standard": np.load(test)["images"][:256],
         "looser": np.load(loose)["images"][:256]}
@@ -39,8 +49,7 @@ for name, hr in sets.items():
         other_side = net.gaussian_parameters(lr.flip(2))[0].flip(3)
     net_img = levels_to_image(mu).numpy()
     bicubic = upscale_bicubic(lr.numpy())
-    base = quality(bicubic, hr)["psnr_per_image"]
-    gain = quality(net_img, hr)["psnr_per_image"] - base
+    base, gain = gain_over_bicubic(net_img, lr, hr)
     worst = np.argsort(gain)[:3]
     print(f"{name}: net {base.mean() + gain.mean():.3f} dB, bicubic {base.mean():.3f}, "
           f"faces below bicubic: {int((gain < 0).sum())}, the three worst {np.round(gain[worst], 2).tolist()}")
@@ -72,10 +81,7 @@ for _ in range(40):
                        1.5, 2, reframed_share=0.25, max_rotation=10, rotated_share=0.15,
                        color_share=0.8, color_generator=color_g)
     lr = downsample(hr)
-    with torch.no_grad():
-        net_img = levels_to_image(net.gaussian_parameters(lr)[0]).numpy()
-    gains.append(quality(net_img, hr)["psnr_per_image"]
-                 - quality(upscale_bicubic(lr.numpy()), hr)["psnr_per_image"])
+    gains.append(gain_over_bicubic(conditioning_mu_images(net, lr).numpy(), lr, hr)[1])
 gain = np.concatenate(gains)
 print(f"augmented training batches: {int((gain < 0).sum())} of {len(gain)} faces below bicubic, "
       f"{int((gain < 0.5).sum())} less than 0.5 dB above it")
