@@ -499,6 +499,48 @@ def test_export_makes_a_small_loadable_copy(tmp_path, tiny_ckpt, dtype, write_wa
         torch.testing.assert_close(model.state_dict()[name].float(), t.float(), rtol=1e-2, atol=1e-2)
 
 
+def test_export_sets_the_mixture_and_mirror_average_and_keeps_what_it_came_from(tmp_path, tiny_ckpt):
+    # how the shipped weights are assembled: the net's weight in the mixture scaled, the
+    # mirror average on, a note; the weights themselves are the source's (to bf16)
+    from bpd_sr.io.pretrained import load_checkpoint, model_from_checkpoint
+
+    src = tmp_path / "src.pt"
+    save_checkpoint(src, model_from_checkpoint(tiny_ckpt), extra={"about": {"averaged": ["a", "b"]}})
+    res = run("export", src, tmp_path / "x.pt", "--dtype", "fp32", "--cond-scale-factor", "2.5",
+              "--flip-average", "--note", "the test weights")
+    assert res.exit_code == 0, res.output
+    model = model_from_checkpoint(tmp_path / "x.pt")
+    assert model.cfg.cond_scales == (10.0, 10.0, 10.0)  # 4.0 x 2.5
+    assert model.cfg.cond_flip_average and model.cond.flip_average
+    about = load_checkpoint(tmp_path / "x.pt")["about"]
+    assert about["note"] == "the test weights" and about["averaged"] == ["a", "b"]
+    assert about["exported"] == {"from": str(src), "cond_scale_factor": 2.5, "flip_average": True}
+    original = model_from_checkpoint(tiny_ckpt)
+    for name, t in original.state_dict().items():
+        assert torch.equal(model.state_dict()[name], t), name
+    # and back: the factor's inverse and the mirror average off give the source's config
+    res = run("export", tmp_path / "x.pt", tmp_path / "y.pt", "--dtype", "fp32",
+              "--cond-scale-factor", "0.4", "--no-flip-average")
+    assert res.exit_code == 0, res.output
+    back = model_from_checkpoint(tmp_path / "y.pt")
+    assert back.cfg.cond_scales == pytest.approx(original.cfg.cond_scales)
+    assert not back.cfg.cond_flip_average and not back.cond.flip_average
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cond-scale-factor", "0"], "Invalid value for '--cond-scale-factor'"),
+    (["--flip-average"], "has no conditioning net"),
+    (["--cond-scale-factor", "2"], "has no conditioning net"),
+])
+def test_export_refuses_a_mixture_it_cannot_set_in_one_line(tmp_path, args, message):
+    torch.manual_seed(0)
+    plain = save_checkpoint(tmp_path / "plain.pt",
+                            ImageTransformer(ModelConfig.preset("tiny", k=4, cond_channels=0)))
+    res = run("export", plain, tmp_path / "x.pt", *args)
+    assert res.exit_code != 0 and message in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "x.pt").exists()
+
+
 def test_average_writes_the_mean_of_the_weights(tmp_path, tiny_ckpt, write_watcher):
     from bpd_sr.io.pretrained import load_checkpoint, model_from_checkpoint, save_checkpoint
 

@@ -27,16 +27,30 @@ def prepare_celeba_command(root: str, out_dir: str, split: str, shard_size: int,
 @click.argument("checkpoint", type=click.Path())
 @click.argument("dest", type=click.Path())
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
+@click.option("--cond-scale-factor", type=click.FloatRange(0.0, None, min_open=True), default=1.0,
+              show_default=True,
+              help="Multiply the conditioning net's weights in the mixture (cond_scale, one per "
+                   "colour) by this: larger makes the decode follow the net more closely and "
+                   "accept more tokens per step.")
+@click.option("--flip-average/--no-flip-average", default=None,
+              help="Switch the conditioning net's mirror average on or off  [default: as the "
+                   "checkpoint].")
+@click.option("--note", default=None, help="What these weights are, kept in the checkpoint "
+                                           "(under about.note).")
 @one_line_errors
-def export_command(checkpoint: str, dest: str, dtype: str) -> None:
-    """Write an inference-only copy of a training checkpoint (no optimizer state)."""
+def export_command(checkpoint: str, dest: str, dtype: str, cond_scale_factor: float,
+                   flip_average: bool | None, note: str | None) -> None:
+    """Write an inference-only copy of a checkpoint (no optimizer state), optionally with its
+    mixture scaled and its mirror average set: how the shipped weights are assembled from a
+    `bpd-sr fit-cond` run or a `bpd-sr average`."""
     import torch
 
     from bpd_sr.io.pretrained import export_weights
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     _writable_file(dest, "DEST")
-    path = export_weights(checkpoint, dest, dt)
+    path = export_weights(checkpoint, dest, dt, cond_scale_factor=cond_scale_factor,
+                          flip_average=flip_average, note=note)
     click.echo(f"wrote {path}")
 
 

@@ -17,6 +17,7 @@ import torch
 
 from bpd_sr.config import ModelConfig, TrainConfig
 from bpd_sr.io.atomic import write_atomic
+from bpd_sr.model.mixture import apply_mixture, set_flip_average
 from bpd_sr.model.transformer import ImageTransformer
 
 DEFAULT_WEIGHTS = "default.pt"
@@ -180,10 +181,29 @@ def average_checkpoints(paths: list[str | Path]) -> ImageTransformer:
     return model.eval()
 
 
-def export_weights(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """A small inference-only copy of a training checkpoint: config and weights (in ``dtype``),
-    no optimizer; what it was trained on is kept under ``"about"``."""
+def export_weights(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16,
+                   cond_scale_factor: float = 1.0, flip_average: bool | None = None,
+                   note: str | None = None) -> Path:
+    """A small inference-only copy of a checkpoint: config and weights (in ``dtype``), no
+    optimizer; what it was trained on, and the source's own ``"about"``, are kept under
+    ``"about"``. How a shipped checkpoint is assembled from a net's run: the conditioning
+    net's weights in the mixture multiplied by ``cond_scale_factor``, its mirror average
+    switched on or off (None: as the source), a ``note`` saying what the weights are."""
     ckpt = load_checkpoint(src)
     model = model_from_checkpoint(src)
-    about = {k: ckpt[k] for k in ("train_config", "step", "train_seconds", "log") if k in ckpt}
+    if (cond_scale_factor != 1.0 or flip_average is not None) and model.cond is None:
+        raise CheckpointError(f"{src} has no conditioning net, so its mixture and mirror "
+                              "average cannot be set.")
+    if not cond_scale_factor > 0:
+        raise ValueError("cond_scale_factor must be positive")
+    about = dict(ckpt.get("about") or {})
+    about.update({k: ckpt[k] for k in ("train_config", "step", "train_seconds", "log") if k in ckpt})
+    if cond_scale_factor != 1.0:
+        apply_mixture(model, 1.0, tuple(s * cond_scale_factor for s in model.cfg.cond_scales))
+    if flip_average is not None:
+        set_flip_average(model, flip_average)
+    about["exported"] = {"from": str(src), "cond_scale_factor": cond_scale_factor,
+                         "flip_average": model.cfg.cond_flip_average}
+    if note:
+        about["note"] = note
     return save_checkpoint(dst, model, extra={"about": about}, dtype=dtype)

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from bpd_sr.config import CHANNELS
 from bpd_sr.decoding.rules import expected_intensity
+from bpd_sr.model.mixture import apply_mixture, set_flip_average
 from bpd_sr.model.tokens import downsample, image_to_tokens, shift_right
 from bpd_sr.model.transformer import ImageTransformer
 
@@ -192,29 +193,6 @@ def fit_output_layer(data: ExpertLogits, weight: torch.Tensor, bias: torch.Tenso
     info = {"val_rmse_before": round(before, 4), "val_rmse_after": round(best, 4),
             "step_kept": kept[0]}
     return kept[1].to(weight.dtype), kept[2].to(bias.dtype), info
-
-
-@torch.no_grad()
-def apply_mixture(model: ImageTransformer, temperature: float,
-                  cond_scale: tuple[float, float, float]) -> ImageTransformer:
-    """Set the mixture on ``model`` in place: the decoder's output layer is multiplied by
-    ``temperature`` (relative to its current weights) and ``cfg.cond_scale`` is replaced
-    (absolute: the weights of the net's raw logits)."""
-    model.out_proj.weight.mul_(temperature)
-    if model.out_proj.bias is not None:
-        model.out_proj.bias.mul_(temperature)
-    model.cfg = replace(model.cfg, cond_scale=tuple(float(v) for v in cond_scale))
-    return model
-
-
-def set_flip_average(model: ImageTransformer, on: bool) -> ImageTransformer:
-    """Switch the conditioning net's mirror self-ensemble (``ModelConfig.cond_flip_average``)
-    on or off in place; it changes the net's logits, so the mixture is fitted after it."""
-    if model.cond is None:
-        raise ValueError("the model has no conditioning net")
-    model.cfg = replace(model.cfg, cond_flip_average=on)
-    model.cond.flip_average = on
-    return model
 
 
 def decode_faces(model: ImageTransformer, hr: torch.Tensor, k: int, epsilon: int,
