@@ -776,6 +776,18 @@ def test_a_bad_command_line_is_one_line_and_no_work(bad_inputs, case):
     assert not (bad_inputs["d"] / "ESCAPED.png").exists()
 
 
+def test_an_output_named_like_an_image_file_is_refused_unless_it_is_a_folder(tmp_path, tiny_ckpt):
+    # -o face_x4.png would otherwise make a folder face_x4.png holding face_x4.png
+    src = face(tmp_path / "face.png")
+    res = run("upscale", src, "--checkpoint", tiny_ckpt, "-o", tmp_path / "face_x4.PNG")
+    assert res.exit_code == 2 and "names an image file, but --output is the folder" in res.output
+    assert not (tmp_path / "face_x4.PNG").exists()
+    (tmp_path / "old.jpg").mkdir()  # a folder so named is still a folder
+    res = run("upscale", src, "--checkpoint", tiny_ckpt, "-o", tmp_path / "old.jpg")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "old.jpg" / "face_x4.png").is_file()
+
+
 def test_a_named_pipe_is_refused_without_hanging(bad_inputs):
     d = bad_inputs["d"]
     res = CliRunner().invoke(main, ["upscale", str(d / "pipe.png"), "--checkpoint",

@@ -76,9 +76,23 @@ def _first_input(plans, crop: str):
         return torch.full((1, 8, 8, 3), 128, dtype=torch.uint8)
 
 
+def _check_output_folder(ctx, param, value):
+    """--output is a folder: a name like ``face_x4.png`` would silently become a folder of
+    that name holding ``face_x4.png``, so it is refused unless such a folder exists."""
+    from pathlib import Path
+
+    from bpd_sr.io.imageio import IMAGE_EXTENSIONS
+
+    if value and Path(value).suffix.lower() in IMAGE_EXTENSIONS and not Path(value).is_dir():
+        raise click.BadParameter(f"{value!r} names an image file, but --output is the folder "
+                                 "the outputs go in (named <stem><suffix>.png: see --suffix)")
+    return value
+
+
 @main.command("upscale")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
+              callback=_check_output_folder,
               help="Folder for the outputs (created if needed), keeping the inputs' folder "
                    "structure under it. Default: beside each input.")
 @click.option("-r", "--recursive", is_flag=True, help="Look for images in subfolders too.")
