@@ -1,14 +1,18 @@
 """Could the faces below bicubic be caught from the input alone and pulled towards bicubic?
 For the shipped conditioning net (read as its mean mu, mirror-averaged, no back-projection) on
 256 held-out training faces and the first 256 faces of a standard and a looser test set: how
-well three input-only signals of the net's doubt follow each face's PSNR gain over bicubic
+well four input-only signals of the net's doubt follow each face's PSNR gain over bicubic
 (correlation, and the rank of the three worst faces among 256, 0 = most doubt), and what a
 blend (1 - w) mu + w bicubic, the same w for every face, does to the mean and to the worst
 faces. Signals: the mean predicted sigma, the mean |mu(face) - mirror(mu(mirror(face)))|
 (the two halves of the mirror average), the mean |downsample(mu) - input| (what
-back-projection would correct). Last, how many faces of the training recipe's own augmented
-batches (40 batches of 64 drawn from the training faces) the net leaves below bicubic: what a
-loss that penalises such faces would have to act on.
+back-projection would correct) and the net's closeness to bicubic (minus the mean
+|mu - bicubic| / sigma: the less the net departs from bicubic, the more doubt), with a
+blend for the doubtful faces only (the net's step away from bicubic scaled down where that
+departure is below a quantile of the held-out faces'). Last, how
+many faces of the training recipe's own augmented batches (40 batches of 64 drawn from the
+training faces) the net leaves below bicubic: what a loss that penalises such faces would
+have to act on.
 
 usage: python docs/results/bicubic_blend.py TRAIN_32.npz TEST_32.npz TEST_LOOSE_32.npz CKPT
        (held-out: the last 256 training faces, which fit-cond never trains on with --n-val 256)
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 
 from bpd_sr.config import COLOR_SEED_OFFSET
+from bpd_sr.decoding.consistency import back_project
 from bpd_sr.evaluation.metrics import quality, upscale_bicubic
 from bpd_sr.io.pretrained import warm_start
 from bpd_sr.model.tokens import downsample, levels_to_image
@@ -58,6 +63,9 @@ for name, hr in sets.items():
         "mirror disagreement": (one_side - other_side).abs().mean((1, 2, 3)).numpy(),
         "back-projection residual": (downsample(torch.as_tensor(net_img)).float()
                                      - lr.float()).abs().mean((1, 2, 3)).numpy(),
+        # small where the net stays close to bicubic: doubt, or a face bicubic already fits
+        "closeness to bicubic": -((mu - torch.as_tensor(bicubic).permute(0, 3, 1, 2).float())
+                                  .abs() / sigma).mean((1, 2, 3)).numpy(),
     }
     for signal, value in signals.items():
         rank = np.argsort(np.argsort(-value))
@@ -68,6 +76,31 @@ for name, hr in sets.items():
         bgain = quality(blend.astype(np.uint8), hr)["psnr_per_image"] - base
         print(f"  blend w = {w}: {base.mean() + bgain.mean():.3f} dB, the three worst "
               f"{np.round(np.sort(bgain)[:3], 2).tolist()}")
+    # a blend for the doubtful faces only: departure d = mean |mu - bicubic| / sigma, the net's
+    # step away from bicubic scaled by min(1, d / d0) ** p, d0 a quantile of d on the
+    # held-out faces (the first set), so faces the net departs from less than those do
+    departure = -signals["closeness to bicubic"]
+    if name == "held-out":
+        thresholds = {q: float(np.quantile(departure, q)) for q in (0.05, 0.1, 0.2)}
+    bic = torch.as_tensor(bicubic).permute(0, 3, 1, 2).float()
+    projected_gain = quality(back_project(torch.as_tensor(net_img), lr).numpy(),
+                             hr)["psnr_per_image"] - base
+    print(f"  the net back-projected: {base.mean() + projected_gain.mean():.3f} dB, "
+          f"{int((projected_gain < 0).sum())} below bicubic, the worst {projected_gain.min():+.2f}")
+    for q, d0 in thresholds.items():
+        for p in (1, 2, 4):
+            scale = torch.as_tensor(np.minimum(1.0, departure / d0) ** p).float()
+            shrunk = levels_to_image(bic + (mu - bic) * scale[:, None, None, None])
+            sgain = quality(shrunk.numpy(), hr)["psnr_per_image"] - base
+            # back-projected, as upscale writes it, against the net back-projected
+            pgain = quality(back_project(shrunk, lr).numpy(), hr)["psnr_per_image"] - base
+            print(f"  doubtful faces drawn to bicubic, d0 = held-out {q:.0%} quantile "
+                  f"{d0:.3f}, p = {p}: {int((departure < d0).sum())} faces drawn, "
+                  f"{base.mean() + sgain.mean():.3f} dB ({sgain.mean() - gain.mean():+.4f}), "
+                  f"{int((sgain < 0).sum())} below bicubic, the worst {sgain.min():+.2f}; "
+                  f"back-projected {base.mean() + pgain.mean():.3f} dB "
+                  f"({pgain.mean() - projected_gain.mean():+.4f}), {int((pgain < 0).sum())} "
+                  f"below bicubic, the worst {pgain.min():+.2f}")
 
 # the shipped nets' recipe (docs/training/README.md): fit-cond --max-zoom 1.5 --max-shift 2
 # --reframed-share 0.25 --max-rotation 10 --rotated-share 0.15 --color-share 0.8
