@@ -196,7 +196,7 @@ def export_weights(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.
                               "average cannot be set.")
     if not cond_scale_factor > 0:
         raise ValueError("cond_scale_factor must be positive")
-    about = dict(ckpt.get("about") or {})
+    about = dict(ckpt["about"]) if isinstance(ckpt.get("about"), dict) else {}
     about.update({k: ckpt[k] for k in ("train_config", "step", "train_seconds", "log") if k in ckpt})
     if cond_scale_factor != 1.0:
         apply_mixture(model, 1.0, tuple(s * cond_scale_factor for s in model.cfg.cond_scales))
