@@ -22,6 +22,9 @@ N_INTENSITIES = 256
 # "mean", the expected intensity, measured better than the paper's "argmax" on PSNR, SSIM
 # and acceptance with the shipped weights (README, "Results"). The one place that decides it.
 DEFAULT_RULE = "mean"
+# The decoding rules there are (bpd_sr.decoding.rules); here so that the command line can
+# offer them without importing torch (a fast --help).
+RULES = ("argmax", "mean", "median")
 
 # The acceptance tolerance of blockwise decoding when the user gives none: a proposal is kept
 # when it is within this many intensity levels of the base model's choice (Stern et al.

@@ -239,3 +239,22 @@ def test_dependencies_are_declared_and_used():
     tools = {"pytest", "ruff", "nbmake", "ipykernel", "pytest-xdist"}  # run, not imported
     assert used_by_tests <= core | dev, f"tests import undeclared {used_by_tests - core - dev}"
     assert dev - tools <= used_by_tests, f"dev extra never used: {dev - tools - used_by_tests}"
+
+
+def test_the_command_line_starts_without_torch():
+    # `bpd-sr --help` and the option checks run before any model is needed: importing torch
+    # (seconds) is left to the commands that decode or train, and the package's torch API
+    # is imported on first use
+    import subprocess
+
+    code = ("import sys, bpd_sr, bpd_sr.cli; assert 'torch' not in sys.modules, 'torch'; "
+            "from bpd_sr import blockwise_parallel_decode, ImageTransformer; "
+            "assert 'torch' in sys.modules; print(blockwise_parallel_decode.__name__)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "blockwise_parallel_decode"
+    import bpd_sr
+
+    assert set(bpd_sr.__all__) <= set(dir(bpd_sr))
+    with pytest.raises(AttributeError):
+        bpd_sr.no_such_name  # noqa: B018

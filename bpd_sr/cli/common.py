@@ -8,8 +8,7 @@ import sys
 
 import click
 
-from bpd_sr.config import DEFAULT_EPSILON, DEFAULT_RULE
-from bpd_sr.decoding.rules import RULES
+from bpd_sr.config import DEFAULT_EPSILON, DEFAULT_RULE, RULES
 
 # what evaluate and benchmark compare by default: exact acceptance, the paper's tolerance and
 # the package's own default

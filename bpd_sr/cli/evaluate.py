@@ -19,8 +19,7 @@ from bpd_sr.cli.common import (
     pick_device,
     threads_option,
 )
-from bpd_sr.config import DEFAULT_RULE
-from bpd_sr.decoding.rules import RULES
+from bpd_sr.config import DEFAULT_RULE, RULES
 
 
 @main.command("evaluate")

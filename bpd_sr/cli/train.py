@@ -12,9 +12,9 @@ from bpd_sr.config import (
     MAX_ROTATION,
     MODEL_PRESETS,
     OBJECTIVES,
+    RULES,
     TrainConfig,
 )
-from bpd_sr.decoding.rules import RULES
 
 
 @click.command("train")

@@ -19,8 +19,7 @@ from bpd_sr.cli.common import (
     pick_device,
     threads_option,
 )
-from bpd_sr.config import DEFAULT_EPSILON, DEFAULT_K, DEFAULT_RULE
-from bpd_sr.decoding.rules import RULES
+from bpd_sr.config import DEFAULT_EPSILON, DEFAULT_K, DEFAULT_RULE, RULES
 from bpd_sr.io.framing import CROPS
 
 CROP_HELP = ("How a photo is framed into the model's square. The model learnt faces framed "

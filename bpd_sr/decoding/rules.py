@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from bpd_sr.config import DEFAULT_RULE, N_INTENSITIES
+from bpd_sr.config import DEFAULT_RULE, N_INTENSITIES, RULES
 
-RULES = ("argmax", "mean", "median")
 __all__ = ["DEFAULT_RULE", "RULES", "apply_rule", "check_rule", "expected_intensity"]
 
 
