@@ -263,6 +263,10 @@ class CondFitConfig:
     # cheaper per face (module docstring); "psnr": the same with mu fitted by the mean over
     # faces of the log of each face's squared error (condfit.regression_loss)
     objective: str = "ce"
+    # regression / psnr objectives: mu's error is taken after back-projection (each 4x4 block
+    # moved to its input pixel's level, bpd_sr.decoding.consistency), as upscale and evaluate
+    # write the image, and the held-out PSNR that picks the kept net is read the same way
+    back_projected: bool = False
     # framing augmentation (bpd_sr.training.augment): zoom-out up to this factor, shifts up to this
     # many pixels, flips; 1.0 / 0.0 keep the training crop as it is (flips stay)
     max_zoom: float = 1.5

@@ -105,6 +105,7 @@ def test_fit_cond_changes_only_the_conditioning_net_and_resumes(tmp_path):
     (["--rotated-share", "0.5"], "needs --max-rotation"),
     (["--max-rotation", "10", "--max-zoom", "2", "--max-shift", "4"], "inside the mirrored border"),
     (["--add-blocks", "2"], "needs --keep-net"),
+    (["--back-projected"], "needs the regression or psnr objective"),
 ])
 def test_fit_cond_bad_settings_are_one_line_and_no_work(tmp_path, args, message):
     faces = tmp_path / "faces.npz"
@@ -161,7 +162,7 @@ def test_fit_cond_writes_the_net_that_did_best_on_held_out_faces(tmp_path, monke
     np.savez(faces, images=rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8))
     init = save_checkpoint(tmp_path / "init.pt", ImageTransformer(ModelConfig.preset("tiny", k=2)))
     scores = iter([20.0, 25.0, 22.0])  # the held-out PSNR of evaluations 1, 2, 3
-    monkeypatch.setattr(condfit, "conditioning_psnr", lambda net, val: {"val_psnr": next(scores)})
+    monkeypatch.setattr(condfit, "conditioning_psnr", lambda net, val, **kw: {"val_psnr": next(scores)})
     path = condfit.run(condfit.CondFitConfig(data=str(faces), init=str(init), out=str(tmp_path / "r"),
                                              width=8, blocks=1, batch_size=4, n_val=4, steps=3,
                                              eval_every=1), progress=False)
@@ -274,6 +275,13 @@ def test_fit_cond_regression_objectives_with_a_narrow_upsampling_path(tmp_path, 
     about = load_checkpoint(tmp_path / "r" / "cond.pt")["about"]
     assert {"mse", "nll", "val_psnr"} <= set(about["log"][0])
     assert about["cond_fit_config"]["objective"] == objective
+    assert not about["cond_fit_config"]["back_projected"]
+    res = CliRunner().invoke(main, [str(a) for a in args + ["--out", tmp_path / "b", "--objective",
+                                                            objective, "--back-projected"]])
+    assert res.exit_code == 0, res.output
+    about = load_checkpoint(tmp_path / "b" / "cond.pt")["about"]
+    assert about["cond_fit_config"]["back_projected"]
+    assert about["log"][0]["shortfall"] > 0  # a new net's block means are not yet the input
     res = CliRunner().invoke(main, [str(a) for a in args + ["--out", tmp_path / "s", "--head",
                                                             "logits", "--objective", objective]])
     assert res.exit_code != 0 and f"the {objective} objective needs the gaussian head" in res.output

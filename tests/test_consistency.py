@@ -88,3 +88,24 @@ def test_evaluate_measures_the_model_rows_back_projected(monkeypatch):
         assert on[name]["psnr"] > off[name]["psnr"], name
         assert on[name]["as_decoded"]["psnr"] == off[name]["psnr"], name
         assert "as_decoded" not in off[name]
+
+
+def test_block_shift_is_blind_to_block_means_and_keeps_the_detail():
+    """What fit-cond --back-projected trains through: the output's block means are the input
+    whatever the image's were, so a loss on it gives the block means no gradient, while the
+    detail inside each block passes unchanged."""
+    from bpd_sr.decoding.consistency import block_shift
+
+    lr = downsample(_faces(2, seed=3))
+    x = (torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 255).double()
+    x.requires_grad_(True)
+    out = block_shift(x, lr)
+    means = torch.nn.functional.avg_pool2d(out, 4)
+    assert torch.allclose(means, lr.permute(0, 3, 1, 2).double())
+    offset = torch.randn(2, 3, 8, 8, dtype=torch.float64).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    assert torch.allclose(block_shift(x + offset, lr), out)  # a block's own level is ignored
+    target = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 255
+    (out - target).pow(2).sum().backward()
+    assert torch.allclose(torch.nn.functional.avg_pool2d(x.grad, 4), torch.zeros_like(means),
+                          atol=1e-9)
+    assert x.grad.abs().sum() > 0

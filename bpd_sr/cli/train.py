@@ -167,6 +167,10 @@ def fit_heads_command(quiet: bool, threads: int | None, **kwargs) -> None:
                    "squared error of the mean and Gaussian likelihood of the scale, several "
                    "times cheaper per face; psnr: regression with the mean fitted to the "
                    "mean PSNR over faces (the log of each face's squared error).")
+@click.option("--back-projected", is_flag=True,
+              help="regression / psnr: take the mean's error after back-projection (each 4x4 "
+                   "block moved to its input pixel's level), as upscale writes the image; the "
+                   "held-out PSNR that picks the kept net is read the same way.")
 @click.option("--head", type=click.Choice(["gaussian", "logits"]), default="gaussian",
               show_default=True, help="gaussian: a mean and a scale per colour (smooth, cheap); "
                                       "logits: 256 free logits per colour.")

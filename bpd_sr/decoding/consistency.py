@@ -26,10 +26,15 @@ def back_project(images: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
     """images uint8 (B, 32, 32, 3), lr uint8 (B, 8, 8, 3) their inputs -> uint8 (B, 32, 32,
     3): each 4x4 block moved by one constant so that its mean is its input pixel, then
     clipped and rounded (module docstring)."""
-    x = images.permute(0, 3, 1, 2).double()  # (B, 3, 32, 32)
-    shortfall = lr.permute(0, 3, 1, 2).double() - F.avg_pool2d(x, SCALE)  # (B, 3, 8, 8)
-    x = x + shortfall.repeat_interleave(SCALE, 2).repeat_interleave(SCALE, 3)
-    return levels_to_image(x)
+    return levels_to_image(block_shift(images.permute(0, 3, 1, 2).double(), lr))
 
 
-__all__ = ["back_project"]
+def block_shift(x: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """The projection before clipping and rounding, differentiable: x float (B, 3, 32, 32)
+    in levels, lr uint8 (B, 8, 8, 3) -> (B, 3, 32, 32) in x's dtype, each 4x4 block moved
+    by its shortfall input - block mean (what ``fit-cond --back-projected`` trains through)."""
+    shortfall = lr.permute(0, 3, 1, 2).to(x.dtype) - F.avg_pool2d(x, SCALE)  # (B, 3, 8, 8)
+    return x + shortfall.repeat_interleave(SCALE, 2).repeat_interleave(SCALE, 3)
+
+
+__all__ = ["back_project", "block_shift"]

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from bpd_sr.config import COLOR_SEED_OFFSET, OBJECTIVES, CondFitConfig
+from bpd_sr.decoding.consistency import back_project, block_shift
 from bpd_sr.decoding.rules import apply_rule, expected_intensity
 from bpd_sr.io.data import load_faces
 from bpd_sr.io.pretrained import load_checkpoint, save_checkpoint, warm_start
@@ -60,15 +61,17 @@ def conditioning_loss(logits: torch.Tensor, targets: torch.Tensor,
 
 
 def regression_loss(mu: torch.Tensor, sigma: torch.Tensor, hr: torch.Tensor,
-                    scale_weight: float = 0.1, per_face_log: bool = False
-                    ) -> tuple[torch.Tensor, dict]:
+                    scale_weight: float = 0.1, per_face_log: bool = False,
+                    centre: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """mu, sigma (B, 3, 32, 32) in levels, hr uint8 (B, 32, 32, 3) -> (loss, stats).
 
     mu is fitted by squared error, which is what PSNR measures and what the "mean" rule
     reads back (the expected intensity of the discretised Gaussian is mu, up to the range
     cutting its tails). sigma is fitted by the likelihood of the true intensity under a
     continuous Gaussian around the detached mu: for sigma >= 0.5 that is the discretised
-    head's likelihood up to its normaliser's edge terms. With ``gaussian_parameters(...,
+    head's likelihood up to its normaliser's edge terms (around ``centre`` when given: the
+    net's own mu when the fitted mu is its back-projection, so that sigma stays the scale of
+    the distribution the model's logits hold). With ``gaussian_parameters(...,
     detach_scale=True)`` only sigma's own output weights learn from it, and its small
     weight keeps its gradient from dominating the clipped gradient norm: measured, a shared
     likelihood term slowed the learning of mu several times.
@@ -84,7 +87,8 @@ def regression_loss(mu: torch.Tensor, sigma: torch.Tensor, hr: torch.Tensor,
     face_mse = ((mu - target) / 32.0).pow(2).flatten(1).mean(1)  # (B,)
     mse = face_mse.mean()
     fit = mse.detach() * face_mse.log().mean() if per_face_log else mse
-    nll = (torch.log(sigma) + (target - mu.detach()).pow(2) / (2 * sigma.pow(2))).mean()
+    centre = mu if centre is None else centre
+    nll = (torch.log(sigma) + (target - centre.detach()).pow(2) / (2 * sigma.pow(2))).mean()
     return fit + scale_weight * nll, {"mse": mse.detach(), "nll": nll.detach()}
 
 
@@ -116,9 +120,10 @@ def conditioning_mu_images(net: ConditioningNet, lr: torch.Tensor, batch_size: i
                                   for s in range(0, len(lr), batch_size)]))
 
 
-def conditioning_psnr(net: ConditioningNet, hr: torch.Tensor, batch_size: int = 64) -> dict:
+def conditioning_psnr(net: ConditioningNet, hr: torch.Tensor, batch_size: int = 64,
+                      back_projected: bool = False) -> dict:
     """PSNR / bits per dimension of the net's expected-intensity image on faces hr uint8
-    (N, 32, 32, 3)."""
+    (N, 32, 32, 3); back_projected: PSNR / SSIM of that image back-projected."""
     from bpd_sr.evaluation.metrics import quality
 
     net.eval()
@@ -130,8 +135,11 @@ def conditioning_psnr(net: ConditioningNet, hr: torch.Tensor, batch_size: int = 
         nll += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                reduction="sum").item()
 
-    images = conditioning_images(net, downsample(hr), batch_size, add_nll)
+    lr = downsample(hr)
+    images = conditioning_images(net, lr, batch_size, add_nll)
     net.train()
+    if back_projected:
+        images = back_project(images, lr)
     q = quality(images.numpy(), hr.numpy())
     return {"val_psnr": round(float(q["psnr"]), 3), "val_ssim": round(float(q["ssim"]), 4),
             "val_bpd": round(nll / hr.numel() / math.log(2), 4)}
@@ -184,6 +192,8 @@ def _model_with_net(cfg: CondFitConfig, state: dict | None):
                                      model.cfg.cond_flip_average)
     if cfg.objective != "ce" and cfg.head != "gaussian":
         raise CondFitError(f"the {cfg.objective} objective needs the gaussian head")
+    if cfg.back_projected and cfg.objective == "ce":
+        raise CondFitError("--back-projected needs the regression or psnr objective")
     if state is not None:
         model.load_state_dict(state["model"])
     return cfg, model
@@ -215,8 +225,16 @@ def _batch_loss(cfg: CondFitConfig, net: ConditioningNet, train: torch.Tensor,
                        rotated_share=cfg.rotated_share, color_share=cfg.color_share,
                        color_generator=color_g)
     if cfg.objective != "ce":
-        return regression_loss(*net.gaussian_parameters(downsample(hr), detach_scale=True), hr,
-                               per_face_log=cfg.objective == "psnr")
+        lr = downsample(hr)
+        mu, sigma = net.gaussian_parameters(lr, detach_scale=True)
+        if not cfg.back_projected:
+            return regression_loss(mu, sigma, hr, per_face_log=cfg.objective == "psnr")
+        # the block means of mu then get no gradient: how far they drift from the input
+        # (in levels) is logged beside the loss
+        projected = block_shift(mu, lr)
+        loss, stats = regression_loss(projected, sigma, hr, per_face_log=cfg.objective == "psnr",
+                                      centre=mu)
+        return loss, {**stats, "shortfall": (projected - mu).detach().abs().mean()}
     return conditioning_loss(net(downsample(hr)), image_to_tokens(hr), cfg.value_loss_weight)
 
 
@@ -258,7 +276,8 @@ def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            log.append(_log_entry(step, stats, net, val, model, out, log, progress))
+            log.append(_log_entry(step, stats, net, val, model, out, log, progress,
+                                  cfg.back_projected))
         if time.perf_counter() - t_ckpt > cfg.ckpt_minutes * 60 or step == cfg.steps:
             save_checkpoint(out / "last.pt", model, extra={
                 "cond_fit_config": cfg.to_dict(), "optimizer": opt.state_dict(), "step": step,
@@ -269,12 +288,12 @@ def run(cfg: CondFitConfig, resume: bool = False, progress: bool = True) -> Path
 
 
 def _log_entry(step: int, stats: dict, net, val: torch.Tensor, model, out: Path, log: list,
-               progress: bool) -> dict:
+               progress: bool, back_projected: bool = False) -> dict:
     """The log line of a step; the model is kept as best.pt when the net did best so far on
     the held-out faces."""
     entry = {"step": step, **{k: round(float(v), 4) for k, v in stats.items()}}
     if len(val):
-        entry.update(conditioning_psnr(net, val))
+        entry.update(conditioning_psnr(net, val, back_projected=back_projected))
         best_psnr = max((e.get("val_psnr", -1.0) for e in log), default=-1.0)
         if entry["val_psnr"] > best_psnr:
             save_checkpoint(out / "best.pt", model, extra={"step": step})
