@@ -272,8 +272,24 @@ def test_a_run_stopped_at_a_deadline_leaves_weights(faces, tmp_path, how):
     about = load_checkpoint(export)["about"]
     assert about["step"] > 0 and "optimizer" not in load_checkpoint(export)
     if how == "term":
-        assert proc.returncode == 130 and "checkpoint saved" in err
+        assert proc.returncode == 130 and "checkpoint saved" in err, (proc.returncode, err[-2000:])
         assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == about["step"]
+
+
+def test_sigterm_stops_at_the_stop_point_not_where_it_lands():
+    """SIGTERM inside the context raises nothing where it lands (it could be inside a
+    checkpoint being written); the stop point raises KeyboardInterrupt, and the old
+    handler is back afterwards."""
+    from bpd_sr.training.stopping import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with sigterm_as_interrupt() as stop_point:
+        stop_point()  # nothing has come yet
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler has run by now, and raised nothing
+        with pytest.raises(KeyboardInterrupt):
+            stop_point()
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_checkpoint_of_another_version_resumes(faces, tmp_path, capsys):

@@ -327,9 +327,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                desc=f"train {cfg.regime}", dynamic_ncols=True)
     interrupted = False
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt() as stop_point:
             _loop(run, ddp_model, train_images, val_images, amp, rank, world, step_fn, profiler,
-                  bar, progress)
+                  bar, progress, stop_point)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -349,10 +349,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
 
 def _loop(run: Run, ddp_model, train_images, val_images, amp, rank: int, world: int, step_fn,
-          profiler, bar, progress: bool) -> None:
+          profiler, bar, progress: bool, stop_point=lambda: None) -> None:
     """Step, log, checkpoint until the run's budget is spent. No host sync per step: losses
     are read (and a GPU waited for) only at log points, and images/s is measured over the
-    steps between them."""
+    steps between them. stop_point() is called after each step's saves (it raises
+    KeyboardInterrupt once SIGTERM has come: ``stopping.sigterm_as_interrupt``)."""
     cfg, device = run.cfg, train_images.device
     last_ckpt = last_export = time.monotonic()
     since, since_t = 0, time.perf_counter()
@@ -377,6 +378,7 @@ def _loop(run: Run, ddp_model, train_images, val_images, amp, rank: int, world: 
         if rank == 0 and cfg.export_path and time.monotonic() - last_export > 60 * cfg.export_minutes:
             export_now(run)
             last_export = time.monotonic()
+        stop_point()
 
 
 if __name__ == "__main__":
