@@ -349,7 +349,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
 
 def _loop(run: Run, ddp_model, train_images, val_images, amp, rank: int, world: int, step_fn,
-          profiler, bar, progress: bool, stop_point=lambda: None) -> None:
+          profiler, bar, progress: bool, stop_point) -> None:
     """Step, log, checkpoint until the run's budget is spent. No host sync per step: losses
     are read (and a GPU waited for) only at log points, and images/s is measured over the
     steps between them. stop_point() is called after each step's saves (it raises
