@@ -267,6 +267,12 @@ class CondFitConfig:
     # moved to its input pixel's level, bpd_sr.decoding.consistency), as upscale and evaluate
     # write the image, and the held-out PSNR that picks the kept net is read the same way
     back_projected: bool = False
+    # regression / psnr objectives: this share of each batch, the faces the net gains least on
+    # over bicubic (in dB), weighs (1 + hard_weight) times as much in the loss as the rest
+    # (the weights normalised to mean 1): the net's errors where it fares worst, not only on
+    # average, which is what "no face below bicubic" asks; 0: off
+    hard_share: float = 0.0
+    hard_weight: float = 1.0
     # framing augmentation (bpd_sr.training.augment): zoom-out up to this factor, shifts up to this
     # many pixels, flips; 1.0 / 0.0 keep the training crop as it is (flips stay)
     max_zoom: float = 1.5

@@ -106,6 +106,7 @@ def test_fit_cond_changes_only_the_conditioning_net_and_resumes(tmp_path):
     (["--max-rotation", "10", "--max-zoom", "2", "--max-shift", "4"], "inside the mirrored border"),
     (["--add-blocks", "2"], "needs --keep-net"),
     (["--back-projected"], "needs the regression or psnr objective"),
+    (["--hard-share", "0.25"], "--hard-share needs the regression or psnr objective"),
 ])
 def test_fit_cond_bad_settings_are_one_line_and_no_work(tmp_path, args, message):
     faces = tmp_path / "faces.npz"
@@ -258,6 +259,51 @@ def test_psnr_objective_weighs_each_face_by_its_inverse_error():
     assert grads[True][0] == pytest.approx(mse * 2 / 4 / n / 2, rel=1e-5)
 
 
+def test_hard_faces_weigh_more_and_the_loss_keeps_its_scale():
+    """--hard-share: the faces of lowest gain over bicubic weigh (1 + hard_weight) times the
+    rest, the weights averaging 1; equal weights are the plain loss."""
+    from bpd_sr.training.condfit import hardest_faces, regression_loss
+
+    gain = torch.tensor([2.0, -0.4, 3.0, 0.5, 1.0, 1.0, 4.0, 0.1])
+    w = hardest_faces(gain, 0.25, 3.0)  # 2 of 8 faces: the ones at -0.4 and 0.1 dB
+    assert w.mean() == pytest.approx(1.0)
+    assert torch.equal(w > 1, torch.tensor([0, 1, 0, 0, 0, 0, 0, 1], dtype=torch.bool))
+    assert w[1] / w[0] == pytest.approx(4.0)
+    assert torch.equal(hardest_faces(gain, 0.0, 3.0), torch.ones(8))
+    hr = torch.full((2, 32, 32, 3), 100, dtype=torch.uint8)
+    mu = torch.stack([torch.full((3, 32, 32), 104.0), torch.full((3, 32, 32), 108.0)])
+    for per_face_log in (False, True):
+        grads = []
+        for weights in (None, torch.ones(2), torch.tensor([0.5, 1.5])):
+            m = mu.clone().requires_grad_(True)
+            regression_loss(m, torch.ones_like(m), hr, per_face_log=per_face_log,
+                            face_weights=weights)[0].backward()
+            grads.append(m.grad[:, 0, 0, 0])
+        assert torch.equal(grads[0], grads[1])
+        # weights 0.5 : 1.5 scale each face's pull by them
+        assert torch.allclose(grads[2], grads[0] * torch.tensor([0.5, 1.5]))
+
+
+def test_gain_over_bicubic_matches_evaluates_psnr_gain():
+    from bpd_sr.evaluation.metrics import quality, upscale_bicubic
+    from bpd_sr.model.tokens import downsample
+    from bpd_sr.training.condfit import gain_over_bicubic
+
+    rng = np.random.default_rng(0)
+    hr = torch.as_tensor(rng.integers(60, 200, (3, 32, 32, 3), dtype=np.uint8))
+    lr = downsample(hr)
+    bicubic = torch.as_tensor(upscale_bicubic(lr.numpy()))
+    assert torch.allclose(gain_over_bicubic(bicubic, hr, lr), torch.zeros(3, dtype=torch.float64))
+    nearer = ((bicubic.double() + hr.double()) / 2).round().to(torch.uint8)
+    as_levels = nearer.permute(0, 3, 1, 2).float()  # the loss's layout gives the same gain
+    gain = gain_over_bicubic(nearer, hr, lr)
+    assert torch.allclose(gain, gain_over_bicubic(as_levels, hr, lr))
+    ours = quality(nearer.numpy(), hr.numpy())["psnr_per_image"]
+    theirs = quality(bicubic.numpy(), hr.numpy())["psnr_per_image"]
+    assert np.allclose(gain.numpy(), np.array(ours) - np.array(theirs), atol=1e-6)
+    assert (gain > 4).all()  # half the error: about 6 dB
+
+
 @pytest.mark.parametrize("objective", ["regression", "psnr"])
 def test_fit_cond_regression_objectives_with_a_narrow_upsampling_path(tmp_path, objective):
     rng = np.random.default_rng(0)
@@ -282,6 +328,14 @@ def test_fit_cond_regression_objectives_with_a_narrow_upsampling_path(tmp_path, 
     about = load_checkpoint(tmp_path / "b" / "cond.pt")["about"]
     assert about["cond_fit_config"]["back_projected"]
     assert about["log"][0]["shortfall"] > 0  # a new net's block means are not yet the input
+    res = CliRunner().invoke(main, [str(a) for a in args + ["--out", tmp_path / "h", "--objective",
+                                                            objective, "--hard-share", "0.5",
+                                                            "--hard-weight", "2"]])
+    assert res.exit_code == 0, res.output
+    about = load_checkpoint(tmp_path / "h" / "cond.pt")["about"]
+    assert about["cond_fit_config"]["hard_share"] == 0.5
+    assert about["cond_fit_config"]["hard_weight"] == 2.0
+    assert "lowest_gain" in about["log"][0] and "val_lowest_gain" in about["log"][0]
     res = CliRunner().invoke(main, [str(a) for a in args + ["--out", tmp_path / "s", "--head",
                                                             "logits", "--objective", objective]])
     assert res.exit_code != 0 and f"the {objective} objective needs the gaussian head" in res.output

@@ -171,6 +171,12 @@ def fit_heads_command(quiet: bool, threads: int | None, **kwargs) -> None:
               help="regression / psnr: take the mean's error after back-projection (each 4x4 "
                    "block moved to its input pixel's level), as upscale writes the image; the "
                    "held-out PSNR that picks the kept net is read the same way.")
+@click.option("--hard-share", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="regression / psnr: this share of each batch, the faces the net gains "
+                   "least on over bicubic, weighs more in the loss (--hard-weight): trains "
+                   "the worst faces, not only the average; 0: off.")
+@click.option("--hard-weight", type=click.FloatRange(0.0, None), default=1.0, show_default=True,
+              help="With --hard-share: those faces weigh (1 + this) times the rest.")
 @click.option("--head", type=click.Choice(["gaussian", "logits"]), default="gaussian",
               show_default=True, help="gaussian: a mean and a scale per colour (smooth, cheap); "
                                       "logits: 256 free logits per colour.")

@@ -62,7 +62,8 @@ def conditioning_loss(logits: torch.Tensor, targets: torch.Tensor,
 
 def regression_loss(mu: torch.Tensor, sigma: torch.Tensor, hr: torch.Tensor,
                     scale_weight: float = 0.1, per_face_log: bool = False,
-                    centre: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                    centre: torch.Tensor | None = None,
+                    face_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """mu, sigma (B, 3, 32, 32) in levels, hr uint8 (B, 32, 32, 3) -> (loss, stats).
 
     mu is fitted by squared error, which is what PSNR measures and what the "mean" rule
@@ -82,14 +83,44 @@ def regression_loss(mu: torch.Tensor, sigma: torch.Tensor, hr: torch.Tensor,
     the net on the hardest faces, while the mean PSNR rewards a dB gained on any face alike.
     Its gradient is multiplied by the batch's detached squared error, which makes it the
     plain loss's when all faces' errors are equal (the gradient clipping and the likelihood
-    term's weight stay as tuned for it)."""
+    term's weight stay as tuned for it).
+
+    face_weights (B,), mean 1: each face's share of the fit of mu (``hardest_faces``);
+    None: all alike."""
     target = hr.permute(0, 3, 1, 2).to(mu.dtype)
     face_mse = ((mu - target) / 32.0).pow(2).flatten(1).mean(1)  # (B,)
     mse = face_mse.mean()
-    fit = mse.detach() * face_mse.log().mean() if per_face_log else mse
+    weights = torch.ones_like(face_mse) if face_weights is None else face_weights
+    fit = (mse.detach() * (weights * face_mse.log()).mean() if per_face_log
+           else (weights * face_mse).mean())
     centre = mu if centre is None else centre
     nll = (torch.log(sigma) + (target - centre.detach()).pow(2) / (2 * sigma.pow(2))).mean()
     return fit + scale_weight * nll, {"mse": mse.detach(), "nll": nll.detach()}
+
+
+def gain_over_bicubic(images: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """PSNR of each face's images over that of bicubic upscaling (``evaluate``'s bicubic row),
+    in dB: images float (B, 3, 32, 32) or uint8 (B, 32, 32, 3) levels, hr uint8 (B, 32, 32, 3),
+    lr uint8 (B, 8, 8, 3) -> (B,)."""
+    from bpd_sr.evaluation.metrics import upscale_bicubic
+
+    if images.dtype == torch.uint8:
+        images = images.permute(0, 3, 1, 2)
+    target = hr.permute(0, 3, 1, 2).double()
+    bicubic = torch.as_tensor(upscale_bicubic(lr.numpy())).permute(0, 3, 1, 2).double()
+    face_mse = (images.detach().double() - target).pow(2).flatten(1).mean(1)
+    bicubic_mse = (bicubic - target).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(bicubic_mse / face_mse.clamp_min(1e-12))
+
+
+def hardest_faces(gain: torch.Tensor, share: float, weight: float) -> torch.Tensor:
+    """The weights of ``regression_loss``'s faces: gain (B,) over bicubic in dB -> (B,), the
+    ceil(share * B) faces of lowest gain weighing (1 + weight) times the rest, normalised
+    to mean 1 so that the loss keeps its scale (its gradient clipping stays as tuned)."""
+    n_hard = math.ceil(share * len(gain))
+    weights = torch.ones(len(gain), dtype=torch.float32)
+    weights[torch.argsort(gain, stable=True)[:n_hard]] += weight
+    return weights / weights.mean()
 
 
 @torch.no_grad()
@@ -142,7 +173,8 @@ def conditioning_psnr(net: ConditioningNet, hr: torch.Tensor, batch_size: int = 
         images = back_project(images, lr)
     q = quality(images.numpy(), hr.numpy())
     return {"val_psnr": round(float(q["psnr"]), 3), "val_ssim": round(float(q["ssim"]), 4),
-            "val_bpd": round(nll / hr.numel() / math.log(2), 4)}
+            "val_bpd": round(nll / hr.numel() / math.log(2), 4),
+            "val_lowest_gain": round(float(gain_over_bicubic(images, hr, lr).min()), 3)}
 
 
 def _resumed(cfg: CondFitConfig, resume: bool) -> tuple[CondFitConfig, dict | None]:
@@ -194,6 +226,10 @@ def _model_with_net(cfg: CondFitConfig, state: dict | None):
         raise CondFitError(f"the {cfg.objective} objective needs the gaussian head")
     if cfg.back_projected and cfg.objective == "ce":
         raise CondFitError("--back-projected needs the regression or psnr objective")
+    if cfg.hard_share and cfg.objective == "ce":
+        raise CondFitError("--hard-share needs the regression or psnr objective")
+    if not (0.0 <= cfg.hard_share <= 1.0 and cfg.hard_weight >= 0.0):
+        raise CondFitError("--hard-share must lie in 0 .. 1 and --hard-weight be >= 0")
     if state is not None:
         model.load_state_dict(state["model"])
     return cfg, model
@@ -227,14 +263,19 @@ def _batch_loss(cfg: CondFitConfig, net: ConditioningNet, train: torch.Tensor,
     if cfg.objective != "ce":
         lr = downsample(hr)
         mu, sigma = net.gaussian_parameters(lr, detach_scale=True)
-        if not cfg.back_projected:
-            return regression_loss(mu, sigma, hr, per_face_log=cfg.objective == "psnr")
-        # the block means of mu then get no gradient: how far they drift from the input
-        # (in levels) is logged beside the loss
-        projected = block_shift(mu, lr)
-        loss, stats = regression_loss(projected, sigma, hr, per_face_log=cfg.objective == "psnr",
-                                      centre=mu)
-        return loss, {**stats, "shortfall": (projected - mu).detach().abs().mean()}
+        # back-projected: the block means of mu get no gradient; how far they drift from the
+        # input (in levels) is logged beside the loss
+        fitted = block_shift(mu, lr) if cfg.back_projected else mu
+        extra, weights = {}, None
+        if cfg.hard_share:
+            gain = gain_over_bicubic(fitted, hr, lr)
+            weights = hardest_faces(gain, cfg.hard_share, cfg.hard_weight)
+            extra["lowest_gain"] = gain.min()
+        loss, stats = regression_loss(fitted, sigma, hr, per_face_log=cfg.objective == "psnr",
+                                      centre=mu, face_weights=weights)
+        if cfg.back_projected:
+            extra["shortfall"] = (fitted - mu).detach().abs().mean()
+        return loss, {**stats, **extra}
     return conditioning_loss(net(downsample(hr)), image_to_tokens(hr), cfg.value_loss_weight)
 
 
@@ -317,4 +358,5 @@ def _finish(cfg: CondFitConfig, model, log: list) -> Path:
 
 
 __all__ = ["CondFitConfig", "CondFitError", "add_identity_blocks", "conditioning_images",
-           "conditioning_loss", "conditioning_mu_images", "conditioning_psnr", "run"]
+           "conditioning_loss", "conditioning_mu_images", "conditioning_psnr",
+           "gain_over_bicubic", "hardest_faces", "run"]
