@@ -90,9 +90,10 @@ def regression_loss(mu: torch.Tensor, sigma: torch.Tensor, hr: torch.Tensor,
     target = hr.permute(0, 3, 1, 2).to(mu.dtype)
     face_mse = ((mu - target) / 32.0).pow(2).flatten(1).mean(1)  # (B,)
     mse = face_mse.mean()
-    weights = torch.ones_like(face_mse) if face_weights is None else face_weights
-    fit = (mse.detach() * (weights * face_mse.log()).mean() if per_face_log
-           else (weights * face_mse).mean())
+    per_face = face_mse.log() if per_face_log else face_mse
+    if face_weights is not None:
+        per_face = face_weights * per_face
+    fit = mse.detach() * per_face.mean() if per_face_log else per_face.mean()
     centre = mu if centre is None else centre
     nll = (torch.log(sigma) + (target - centre.detach()).pow(2) / (2 * sigma.pow(2))).mean()
     return fit + scale_weight * nll, {"mse": mse.detach(), "nll": nll.detach()}
