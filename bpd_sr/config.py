@@ -81,6 +81,11 @@ class ModelConfig:
     # self-ensemble: faces are nearly mirror-symmetric and the net is trained with flips, so
     # the two runs err differently); twice the net's small share of the arithmetic
     cond_flip_average: bool = False
+    # a second net of the same shape that takes over the faces on which the first departs
+    # from bicubic by less than cond_switch_departure (``ConditioningNet``, ``bpd-sr
+    # fit-switch``): a net trained to hedge on hard faces, used only where the first doubts
+    cond_fallback: bool = False
+    cond_switch_departure: float = 0.0
     # weight of the conditioning logits in the sum with the decoder's (1: as trained): one
     # number, or one per colour (R, G, B) as ``bpd-sr fit-mixture`` fits them on held-out
     # faces; a decoding setting saved with the checkpoint

@@ -309,3 +309,52 @@ def fit_mixture_command(data, checkpoint, dest, n_faces, objective, rounds, psnr
                f"cond_scale {best['cond_scale']}, decode PSNR {best['decode_psnr']} dB, "
                f"{best['decode_tokens_per_step']} tokens per step")
     click.echo(f"wrote {dest}")
+
+
+@main.command("fit-switch")
+@click.option("--fallback", type=click.Path(), required=True,
+              help="A checkpoint whose conditioning net takes over the faces the model's own "
+                   "net doubts: one trained to hedge on hard faces (fit-cond --hard-share), "
+                   "of the same shape.")
+@click.option("--data", required=True, help="Faces neither net was trained on (npz, shards, "
+              "image folder or CelebA root); the last --n-val are used.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="The model whose net is switched (default: the shipped weights).")
+@click.option("--out", "dest", type=click.Path(), required=True,
+              help="Where to write the model with the switch (bf16).")
+@click.option("--n-val", type=click.IntRange(1, None), default=256, show_default=True,
+              help="The last N faces of --data set the threshold (fit-cond --n-val holds "
+                   "them out).")
+@click.option("--quantile", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+              default=0.05, show_default=True,
+              help="The share of these faces handed to the fallback: the threshold is this "
+                   "quantile of the model's net's departure from bicubic on them.")
+@threads_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@one_line_errors
+def fit_switch_command(fallback, data, checkpoint, dest, n_val, quantile, threads, quiet):
+    """Give the model's conditioning net a fallback net for the faces it doubts: a face on
+    which the net departs from bicubic less than on QUANTILE of held-out faces (mean |mu -
+    bicubic| / sigma) is upscaled by the fallback net instead. The weights are rounded to
+    bf16 before the threshold is measured, so that it holds for the file written."""
+    import torch
+
+    from bpd_sr.io.data import load_faces
+    from bpd_sr.io.pretrained import load_pretrained, save_checkpoint
+    from bpd_sr.training.switchfit import SwitchFitError, attach_fallback
+
+    _writable_file(dest, "--out")
+    model = load_pretrained(checkpoint, threads=threads).to(torch.bfloat16).float()
+    other = load_pretrained(fallback, threads=threads).to(torch.bfloat16).float().cond
+    if other is None:
+        raise click.UsageError(f"--fallback {fallback} has no conditioning net")
+    faces = load_faces(data, progress=not quiet)[-n_val:]
+    try:
+        threshold = attach_fallback(model, other, faces, quantile)
+    except SwitchFitError as e:
+        raise click.ClickException(str(e)) from None
+    save_checkpoint(dest, model, dtype=torch.bfloat16, extra={"about": {"switch_fit": {
+        "fallback": str(fallback), "data": str(data), "n_val": len(faces),
+        "quantile": quantile, "threshold": threshold}}})
+    click.echo(f"threshold: departure {threshold:.4f} (the {quantile:g} quantile of "
+               f"{len(faces)} faces); wrote {dest}")

@@ -32,11 +32,33 @@ class ConditioningNet(nn.Module):
 
     ``flip_average``: the output layer is the mean of the net's outputs for the face and for
     its mirror image (flipped back), i.e. the net is made mirror-equivariant at run time.
+
+    ``fallback``: a second net of the gaussian head (trained to hedge on the faces a net
+    fails, ``fit-cond --hard-share``) that takes over every face on which this net departs
+    from bicubic by less than ``switch_departure`` (``departure_from_bicubic``): a per-face
+    switch decided by the input alone, since a net that barely leaves bicubic is one that
+    doubts (``bpd_sr.training.switchfit`` sets the threshold on held-out faces).
     """
 
+    @property
+    def flip_average(self) -> bool:
+        return self._flip_average
+
+    @flip_average.setter
+    def flip_average(self, on: bool) -> None:
+        # the two nets of a switch are one self-ensemble setting
+        self._flip_average = on
+        if self.fallback is not None:
+            self.fallback.flip_average = on
+
     def __init__(self, width: int, n_blocks: int = 2, head: str = "logits",
-                 up_width: int = 0, flip_average: bool = False) -> None:
+                 up_width: int = 0, flip_average: bool = False,
+                 fallback: ConditioningNet | None = None, switch_departure: float = 0.0) -> None:
         super().__init__()
+        if fallback is not None and (head != "gaussian" or fallback.head != "gaussian"):
+            raise ValueError("a fallback net needs the gaussian head on both nets")
+        self.fallback = fallback
+        self.switch_departure = switch_departure
         self.flip_average = flip_average
         c = width
         u = up_width or width  # channels of the upsampling path (16x16 and 32x32)
@@ -77,12 +99,36 @@ class ConditioningNet(nn.Module):
         the sigma outputs read the features detached, so that fitting sigma trains only its
         own output weights."""
         x = lr.permute(0, 3, 1, 2).to(self.stem.weight.dtype)  # (B, 3, 8, 8)
+        if self.fallback is None:
+            return x, self._mirrored_output(x, rows, detach_scale)
+        # the switch reads the whole image's departure, whatever rows are asked for
+        y = self._mirrored_output(x, HR_SIZE, detach_scale)
+        doubt = self._departure(x, y) < self.switch_departure
+        if bool(doubt.any()):
+            y = y.clone()
+            y[doubt] = self.fallback._features(lr[doubt], HR_SIZE, detach_scale)[1].to(y.dtype)
+        return x, y[:, :, :rows]
+
+    def departure(self, lr: torch.Tensor) -> torch.Tensor:
+        """lr uint8 (B, 8, 8, 3) -> (B,) this net's own ``departure_from_bicubic`` (never its
+        fallback's): what the switch compares with ``switch_departure``."""
+        with torch.autocast(lr.device.type, enabled=False):
+            x = lr.permute(0, 3, 1, 2).to(self.stem.weight.dtype)
+            return self._departure(x, self._mirrored_output(x, HR_SIZE, False))
+
+    def _departure(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (B, 3, 8, 8), y (B, 6, 32, 32) the gaussian head's whole output layer -> (B,)."""
+        return departure_from_bicubic(x, *self._gaussian(x, y))
+
+    def _mirrored_output(self, x: torch.Tensor, rows: int, detach_scale: bool) -> torch.Tensor:
+        """x (B, 3, 8, 8) input intensities -> the output layer (B, 768 or 6, rows, 32), the
+        mean over the face and its mirror image where ``flip_average`` is on."""
         if not self.flip_average:
-            return x, self._output(x, rows, detach_scale)
+            return self._output(x, rows, detach_scale)
         # one pass over the faces and their mirror images; every output (mu's residual, log
         # sigma, a logit) sits over the same input pixel in both, so flipping back aligns them
         y = self._output(torch.cat([x, x.flip(3)]), rows, detach_scale)
-        return x, 0.5 * (y[: len(x)] + y[len(x):].flip(3))
+        return 0.5 * (y[: len(x)] + y[len(x):].flip(3))
 
     def _output(self, x: torch.Tensor, rows: int, detach_scale: bool) -> torch.Tensor:
         """x (B, 3, 8, 8) input intensities -> the output layer (B, 768 or 6, rows, 32)."""
@@ -141,3 +187,14 @@ class ConditioningNet(nn.Module):
         basis = torch.stack([levels, levels * levels, torch.ones_like(levels)])  # (3, 256)
         coef = torch.cat([mu * a, -0.5 * a, -0.5 * mu * mu * a], dim=-1)  # (B, n, 3)
         return coef @ basis
+
+
+def departure_from_bicubic(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """How far a gaussian-head net steps away from bicubic upscaling, in units of its own
+    predicted scale: x (B, 3, 8, 8) input intensities, mu and sigma (B, 3, 32, 32) ->
+    (B,) the mean of |mu - bicubic(x)| / sigma. Small where the net stays near bicubic: the
+    faces it doubts (and faces bicubic already fits), which a fallback net takes over."""
+    bicubic = F.interpolate(x.float(), scale_factor=4, mode="bicubic",
+                            align_corners=False).clamp(0, 255)
+    return ((mu.float() - bicubic).abs() / sigma.float()).mean((1, 2, 3))
+

@@ -118,9 +118,13 @@ class ImageTransformer(nn.Module):
         self.dec_ln = nn.LayerNorm(d)
         self.heads = ProposalHeads(cfg)
         self.out_proj = nn.Linear(d, N_INTENSITIES)  # shared by every slot
-        self.cond = (ConditioningNet(cfg.cond_channels, cfg.cond_blocks, cfg.cond_head,
-                                     cfg.cond_up_channels, cfg.cond_flip_average)
-                     if cfg.cond_channels > 0 else None)
+        self.cond = None
+        if cfg.cond_channels > 0:
+            shape = (cfg.cond_channels, cfg.cond_blocks, cfg.cond_head, cfg.cond_up_channels,
+                     cfg.cond_flip_average)
+            self.cond = ConditioningNet(
+                *shape, fallback=ConditioningNet(*shape) if cfg.cond_fallback else None,
+                switch_departure=cfg.cond_switch_departure)
         row, col, chan, lr_index = hr_position_tables()
         self.register_buffer("pos_row", row, persistent=False)
         self.register_buffer("pos_col", col, persistent=False)
