@@ -141,3 +141,14 @@ def test_fit_switch_command_writes_a_switched_model_and_checks_its_inputs(tmp_pa
     bad = CliRunner().invoke(main, [str(a) for a in args[:4]] + [str(tmp_path / "none.pt")]
                              + [str(a) for a in args[5:]])
     assert bad.exit_code != 0 and "none.pt" in bad.output and "Traceback" not in bad.output
+
+
+def test_fit_cond_refuses_to_fine_tune_a_switched_net(tmp_path):
+    model = _tiny(0)
+    attach_fallback(model, _tiny(1).cond, torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8), 0.5)
+    save_checkpoint(tmp_path / "switched.pt", model)
+    np.savez(tmp_path / "faces.npz", images=np.zeros((40, 32, 32, 3), np.uint8))
+    res = CliRunner().invoke(main, ["fit-cond", "--data", str(tmp_path / "faces.npz"), "--init",
+                                    str(tmp_path / "switched.pt"), "--keep-net", "--steps", "1",
+                                    "--out", str(tmp_path / "run"), "--quiet"])
+    assert res.exit_code != 0 and "switches to a fallback net" in res.output

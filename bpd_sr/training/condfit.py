@@ -213,6 +213,9 @@ def _model_with_net(cfg: CondFitConfig, state: dict | None):
     if cfg.keep_net:  # fine-tune the init's own net: its shape, not width / blocks / head
         if model.cond is None:
             raise CondFitError(f"{cfg.init} has no conditioning net to keep")
+        if model.cond.fallback is not None:
+            raise CondFitError(f"{cfg.init}'s net switches to a fallback net (fit-switch): "
+                               "train each net from a plain checkpoint, then switch again")
         cfg = replace(cfg, width=model.cfg.cond_channels, blocks=model.cfg.cond_blocks,
                       head=model.cfg.cond_head, up_width=model.cfg.cond_up_channels)
         if cfg.add_blocks:
