@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from bpd_sr.cli import main
 from bpd_sr.config import ModelConfig
-from bpd_sr.io.pretrained import load_pretrained, save_checkpoint
+from bpd_sr.io.pretrained import load_checkpoint, load_pretrained, save_checkpoint
 from bpd_sr.model.conditioning import ConditioningNet, departure_from_bicubic
 from bpd_sr.model.mixture import set_flip_average
 from bpd_sr.model.transformer import ImageTransformer
@@ -123,7 +123,7 @@ def test_attach_fallback_refuses_nets_it_cannot_switch():
 
 
 def test_fit_switch_command_writes_a_switched_model_and_checks_its_inputs(tmp_path):
-    save_checkpoint(tmp_path / "own.pt", _tiny(0))
+    save_checkpoint(tmp_path / "own.pt", _tiny(0), extra={"about": {"note": "the own net"}})
     save_checkpoint(tmp_path / "hedge.pt", _tiny(1))
     faces = np.random.default_rng(0).integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "faces.npz", images=faces)
@@ -138,6 +138,8 @@ def test_fit_switch_command_writes_a_switched_model_and_checks_its_inputs(tmp_pa
     own = departures(model.cond, torch.as_tensor(faces[-20:]))
     assert model.cfg.cond_switch_departure == pytest.approx(float(torch.quantile(own.double(), 0.1)))
     assert "the 0.1 quantile of 20 faces" in res.output
+    about = load_checkpoint(tmp_path / "switched.pt")["about"]
+    assert about["note"] == "the own net" and about["switch_fit"]["quantile"] == 0.1
     bad = CliRunner().invoke(main, [str(a) for a in args[:4]] + [str(tmp_path / "none.pt")]
                              + [str(a) for a in args[5:]])
     assert bad.exit_code != 0 and "none.pt" in bad.output and "Traceback" not in bad.output

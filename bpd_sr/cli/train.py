@@ -340,7 +340,12 @@ def fit_switch_command(fallback, data, checkpoint, dest, n_val, quantile, thread
     import torch
 
     from bpd_sr.io.data import load_faces
-    from bpd_sr.io.pretrained import load_pretrained, save_checkpoint
+    from bpd_sr.io.pretrained import (
+        default_weights_path,
+        load_checkpoint,
+        load_pretrained,
+        save_checkpoint,
+    )
     from bpd_sr.training.switchfit import SwitchFitError, attach_fallback
 
     _writable_file(dest, "--out")
@@ -353,8 +358,10 @@ def fit_switch_command(fallback, data, checkpoint, dest, n_val, quantile, thread
         threshold = attach_fallback(model, other, faces, quantile)
     except SwitchFitError as e:
         raise click.ClickException(str(e)) from None
-    save_checkpoint(dest, model, dtype=torch.bfloat16, extra={"about": {"switch_fit": {
-        "fallback": str(fallback), "data": str(data), "n_val": len(faces),
-        "quantile": quantile, "threshold": threshold}}})
+    about = load_checkpoint(checkpoint or default_weights_path()).get("about")
+    about = dict(about) if isinstance(about, dict) else {}  # what the model was, kept
+    about["switch_fit"] = {"fallback": str(fallback), "data": str(data), "n_val": len(faces),
+                           "quantile": quantile, "threshold": threshold}
+    save_checkpoint(dest, model, dtype=torch.bfloat16, extra={"about": about})
     click.echo(f"threshold: departure {threshold:.4f} (the {quantile:g} quantile of "
                f"{len(faces)} faces); wrote {dest}")
