@@ -3,7 +3,8 @@ the same run without it: each checkpoint's net, mirror-averaged as shipped, read
 mu, on 256 held-out training faces (the last 256 of train_32.npz, never trained on with
 --n-val 256) and on the standard and looser test faces (the first 256, then all 1,685):
 PSNR / SSIM of mu back-projected, as `upscale` writes the image (and, for the standard and
-looser first 256, the faces below bicubic and the lowest gain over it), then PSNR of mu
+looser test faces, the faces below bicubic and the lowest gain over it; until session 21
+for the first 256 only), then PSNR of mu
 as it is, and the mean |shortfall| of mu's block means from the input in levels (what
 back-projection moves; a net trained through it has no reason to keep it small).
 
@@ -42,7 +43,7 @@ for path in sys.argv[4:]:
         shortfall = (downsample(mu).float() - lr.float()).abs().mean()
         line = (f"{name} {projected['psnr']:.3f} / {projected['ssim']:.4f} (mu as it is "
                 f"{plain['psnr']:.3f}, shortfall {shortfall:.2f})")
-        if name.endswith("256"):
+        if name != "held-out":
             gain = projected["psnr_per_image"] - bicubic[name]
             line += f", {int((gain < 0).sum())} below bicubic, lowest {gain.min():+.2f}"
         out.append(line)
