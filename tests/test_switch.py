@@ -116,8 +116,11 @@ def test_attach_fallback_refuses_nets_it_cannot_switch():
     with pytest.raises(SwitchFitError, match="gaussian head"):
         attach_fallback(logits, _tiny(1).cond, held_out, 0.1)
     attach_fallback(model, _tiny(1).cond, held_out, 0.1)
-    with pytest.raises(SwitchFitError, match="cannot be switched again"):
-        attach_fallback(model, _tiny(2).cond, held_out, 0.1)
+    with pytest.raises(SwitchFitError, match="has a fallback of its own"):
+        attach_fallback(_tiny(2), model.cond, held_out, 0.1)
+    # switching a switched model again replaces its fallback (the shipped weights have one)
+    attach_fallback(model, _tiny(2).cond, held_out, 0.2)
+    assert torch.equal(model.cond.fallback.out.weight, _tiny(2).cond.out.weight)
     with pytest.raises(ValueError, match="gaussian head"):
         ConditioningNet(8, 1, head="logits", fallback=ConditioningNet(8, 1, head="gaussian"))
 
@@ -145,12 +148,18 @@ def test_fit_switch_command_writes_a_switched_model_and_checks_its_inputs(tmp_pa
     assert bad.exit_code != 0 and "none.pt" in bad.output and "Traceback" not in bad.output
 
 
-def test_fit_cond_refuses_to_fine_tune_a_switched_net(tmp_path):
+def test_fit_cond_trains_a_switched_models_own_net_alone(tmp_path):
     model = _tiny(0)
     attach_fallback(model, _tiny(1).cond, torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8), 0.5)
     save_checkpoint(tmp_path / "switched.pt", model)
-    np.savez(tmp_path / "faces.npz", images=np.zeros((40, 32, 32, 3), np.uint8))
+    faces = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "faces.npz", images=faces)
     res = CliRunner().invoke(main, ["fit-cond", "--data", str(tmp_path / "faces.npz"), "--init",
                                     str(tmp_path / "switched.pt"), "--keep-net", "--steps", "1",
-                                    "--out", str(tmp_path / "run"), "--quiet"])
-    assert res.exit_code != 0 and "switches to a fallback net" in res.output
+                                    "--batch-size", "4", "--n-val", "8", "--out",
+                                    str(tmp_path / "run"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "fallback net is left out" in res.output
+    trained = load_pretrained(tmp_path / "run" / "cond.pt")
+    assert not trained.cfg.cond_fallback and trained.cond.fallback is None
+    assert not any(k.startswith("cond.fallback.") for k in trained.state_dict())

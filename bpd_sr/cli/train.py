@@ -319,7 +319,8 @@ def fit_mixture_command(data, checkpoint, dest, n_faces, objective, rounds, psnr
 @click.option("--data", required=True, help="Faces neither net was trained on (npz, shards, "
               "image folder or CelebA root); the last --n-val are used.")
 @click.option("--checkpoint", type=click.Path(), default=None,
-              help="The model whose net is switched (default: the shipped weights).")
+              help="The model whose net is switched (default: the shipped weights); a "
+                   "fallback it already has is replaced.")
 @click.option("--out", "dest", type=click.Path(), required=True,
               help="Where to write the model with the switch (bf16).")
 @click.option("--n-val", type=click.IntRange(1, None), default=256, show_default=True,

@@ -34,14 +34,15 @@ def departures(net: ConditioningNet, hr: torch.Tensor, batch_size: int = 64) -> 
 def attach_fallback(model: ImageTransformer, fallback: ConditioningNet, held_out: torch.Tensor,
                     quantile: float) -> float:
     """Give ``model``'s conditioning net ``fallback`` (same shape, gaussian head; its weights
-    are copied) and set the switch's threshold to the ``quantile`` of the model's own net's
-    departures on ``held_out`` faces uint8 (N, 32, 32, 3), in place. Returns the threshold."""
+    are copied; a fallback the net already has is replaced) and set the switch's threshold to
+    the ``quantile`` of the model's own net's departures on ``held_out`` faces uint8
+    (N, 32, 32, 3), in place. Returns the threshold."""
     net = model.cond
     if net is None or net.head != "gaussian":
         raise SwitchFitError("the model needs a conditioning net with the gaussian head")
-    if net.fallback is not None or fallback.fallback is not None:
-        raise SwitchFitError("a net with a fallback cannot be switched again: give two plain "
-                             "conditioning nets")
+    if fallback.fallback is not None:
+        raise SwitchFitError("the fallback net has a fallback of its own: give a plain "
+                             "conditioning net (a fit-cond run's checkpoint)")
     if not 0.0 < quantile < 1.0:
         raise SwitchFitError("the quantile must lie between 0 and 1")
     shape = dict(width=net.stem.out_channels, n_blocks=len(net.res), head=net.head,
@@ -56,3 +57,11 @@ def attach_fallback(model: ImageTransformer, fallback: ConditioningNet, held_out
     net.fallback, net.switch_departure = twin.eval(), threshold
     model.cfg = replace(model.cfg, cond_fallback=True, cond_switch_departure=threshold)
     return threshold
+
+
+def drop_fallback(model: ImageTransformer) -> None:
+    """Remove the switch from ``model`` in place: its own conditioning net alone again."""
+    if model.cond is not None:
+        model.cond.fallback, model.cond.switch_departure = None, 0.0
+    model.cfg = replace(model.cfg, cond_fallback=False, cond_switch_departure=0.0)
+
