@@ -143,6 +143,17 @@ def test_fit_switch_command_writes_a_switched_model_and_checks_its_inputs(tmp_pa
     assert "the 0.1 quantile of 20 faces" in res.output
     about = load_checkpoint(tmp_path / "switched.pt")["about"]
     assert about["note"] == "the own net" and about["switch_fit"]["quantile"] == 0.1
+    # a switched model as --fallback gives its own fallback: the threshold set again
+    again = [str(a) for a in args]
+    again[again.index(str(tmp_path / "own.pt"))] = str(tmp_path / "switched.pt")
+    again[again.index(str(tmp_path / "hedge.pt"))] = str(tmp_path / "switched.pt")
+    again[again.index("0.1")] = "0.3"
+    again[again.index(str(tmp_path / "switched.pt"), again.index("--out"))] = str(tmp_path / "again.pt")
+    res = CliRunner().invoke(main, again)
+    assert res.exit_code == 0, res.output
+    redone = load_pretrained(tmp_path / "again.pt")
+    assert torch.equal(redone.cond.fallback.out.weight, model.cond.fallback.out.weight)
+    assert redone.cfg.cond_switch_departure == pytest.approx(float(torch.quantile(own.double(), 0.3)))
     bad = CliRunner().invoke(main, [str(a) for a in args[:4]] + [str(tmp_path / "none.pt")]
                              + [str(a) for a in args[5:]])
     assert bad.exit_code != 0 and "none.pt" in bad.output and "Traceback" not in bad.output

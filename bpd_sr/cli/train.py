@@ -315,7 +315,8 @@ def fit_mixture_command(data, checkpoint, dest, n_faces, objective, rounds, psnr
 @click.option("--fallback", type=click.Path(), required=True,
               help="A checkpoint whose conditioning net takes over the faces the model's own "
                    "net doubts: one trained to hedge on hard faces (fit-cond --hard-share), "
-                   "of the same shape.")
+                   "of the same shape. A switched model gives its own fallback net, so "
+                   "that --checkpoint X --fallback X sets X's threshold again.")
 @click.option("--data", required=True, help="Faces neither net was trained on (npz, shards, "
               "image folder or CelebA root); the last --n-val are used.")
 @click.option("--checkpoint", type=click.Path(), default=None,
@@ -354,6 +355,8 @@ def fit_switch_command(fallback, data, checkpoint, dest, n_val, quantile, thread
     other = load_pretrained(fallback, threads=threads).to(torch.bfloat16).float().cond
     if other is None:
         raise click.UsageError(f"--fallback {fallback} has no conditioning net")
+    if other.fallback is not None:  # a switched model: its own fallback (to set it again)
+        other = other.fallback
     faces = load_faces(data, progress=not quiet)[-n_val:]
     try:
         threshold = attach_fallback(model, other, faces, quantile)
