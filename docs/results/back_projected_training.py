@@ -12,8 +12,8 @@ usage: python docs/results/back_projected_training.py TRAIN_32.npz TEST_32.npz T
 """
 import sys
 
-import numpy as np
 import torch
+from scored_subsets import scored_subsets
 
 from bpd_sr.decoding.consistency import back_project
 from bpd_sr.evaluation.metrics import quality, upscale_bicubic
@@ -23,11 +23,7 @@ from bpd_sr.training.condfit import conditioning_mu_images
 
 torch.set_num_threads(1)
 train, test, loose = sys.argv[1:4]
-every = {"held-out": np.load(train)["images"][-256:], "standard": np.load(test)["images"],
-         "looser": np.load(loose)["images"]}
-subsets = {"held-out": every["held-out"], "standard 256": every["standard"][:256],
-           "looser 256": every["looser"][:256], "standard all": every["standard"],
-           "looser all": every["looser"]}
+subsets = scored_subsets(train, test, loose)
 bicubic = {name: quality(upscale_bicubic(downsample(torch.as_tensor(hr)).numpy()),
                          hr)["psnr_per_image"] for name, hr in subsets.items()}
 for path in sys.argv[4:]:

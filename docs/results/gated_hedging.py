@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 import torch
+from scored_subsets import scored_subsets
 
 from bpd_sr.decoding.consistency import back_project
 from bpd_sr.evaluation.metrics import quality, upscale_bicubic
@@ -25,11 +26,7 @@ from bpd_sr.model.tokens import downsample, levels_to_image
 
 torch.set_num_threads(1)
 train, test, loose = sys.argv[1:4]
-every = {"held-out": np.load(train)["images"][-256:], "standard": np.load(test)["images"],
-         "looser": np.load(loose)["images"]}
-subsets = {"held-out": every["held-out"], "standard 256": every["standard"][:256],
-           "looser 256": every["looser"][:256], "standard all": every["standard"],
-           "looser all": every["looser"]}
+subsets = scored_subsets(train, test, loose)
 
 
 def load(path: str):
