@@ -4,7 +4,14 @@ blockwise parallel decoding (Stern, Shazeer and Uszkoreit, NeurIPS 2018, arXiv 1
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING
+
+# The same image whatever the thread count (README, "The same image every time"): Intel MKL's
+# small matrix products (a verify step's few rows) split their sums by thread count unless its
+# strict conditional-numerical-reproducibility mode is on. MKL reads this on its first call,
+# so it is set before any; a value the user set is kept. No effect where MKL is not used.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 from bpd_sr.config import DEFAULT_EPSILON, DEFAULT_K, DEFAULT_RULE, RULES, ModelConfig, TrainConfig
 

@@ -3,6 +3,8 @@ target intensity, added to the decoder's (a product of experts)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,6 +101,11 @@ class ConditioningNet(nn.Module):
         the sigma outputs read the features detached, so that fitting sigma trains only its
         own output weights."""
         x = lr.permute(0, 3, 1, 2).to(self.stem.weight.dtype)  # (B, 3, 8, 8)
+        with _thread_invariant(x):
+            return self._switched_features(x, lr, rows, detach_scale)
+
+    def _switched_features(self, x: torch.Tensor, lr: torch.Tensor, rows: int,
+                           detach_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fallback is None:
             return x, self._mirrored_output(x, rows, detach_scale)
         # the switch reads the whole image's departure, whatever rows are asked for
@@ -114,7 +121,8 @@ class ConditioningNet(nn.Module):
         fallback's): what the switch compares with ``switch_departure``."""
         with torch.autocast(lr.device.type, enabled=False):
             x = lr.permute(0, 3, 1, 2).to(self.stem.weight.dtype)
-            return self._departure(x, self._mirrored_output(x, HR_SIZE, False))
+            with _thread_invariant(x):
+                return self._departure(x, self._mirrored_output(x, HR_SIZE, False))
 
     def _departure(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (B, 3, 8, 8), y (B, 6, 32, 32) the gaussian head's whole output layer -> (B,)."""
@@ -187,6 +195,27 @@ class ConditioningNet(nn.Module):
         basis = torch.stack([levels, levels * levels, torch.ones_like(levels)])  # (3, 256)
         coef = torch.cat([mu * a, -0.5 * a, -0.5 * mu * mu * a], dim=-1)  # (B, n, 3)
         return coef @ basis
+
+
+def _thread_invariant(x: torch.Tensor):
+    """A context for the net's convolutions at inference on a CPU: oneDNN's split their sums
+    by thread count, PyTorch's own (im2col and a matrix product, MKL_CBWR set by the package)
+    give the same output at any, and the image must not depend on --threads. Training keeps
+    oneDNN's speed."""
+    if x.device.type == "cpu" and not torch.is_grad_enabled():
+        return _without_onednn()
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _without_onednn():
+    # not torch.backends.mkldnn.flags(), which also sets (and warns about) TF32
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 def departure_from_bicubic(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
